@@ -1,0 +1,3 @@
+"""prefalign: offline preference optimisation of causal language models."""
+
+__version__ = "0.1.0"

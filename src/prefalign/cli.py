@@ -1,0 +1,58 @@
+"""`prefalign` command line: train, eval, demo, compare, data inspect.
+
+Every sub-command lives in its own module and registers itself through an `add_parser(subparsers)`
+function that sets `func`. A user's mistake (PrefalignError) prints one line and exits 2; `--debug`
+shows the traceback instead.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+# (module, function) pairs; imported lazily so `prefalign --help` stays fast.
+COMMANDS = [
+    ("prefalign.train_cli", "add_parser"),
+    ("prefalign.eval_cli", "add_parser"),
+    ("prefalign.demo", "add_parser"),
+    ("prefalign.analysis.compare", "add_parser"),
+    ("prefalign.data.inspect", "add_parser"),
+]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="prefalign", description=__doc__.splitlines()[0])
+    parser.add_argument("--debug", action="store_true", help="show full tracebacks")
+    sub = parser.add_subparsers(dest="command", required=True)
+    for module_name, fn in COMMANDS:
+        try:
+            module = importlib.import_module(module_name)
+        except ModuleNotFoundError as e:
+            if e.name == module_name:  # the sub-command is not built yet
+                continue
+            raise
+        getattr(module, fn)(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    from .errors import PrefalignError
+
+    argv = sys.argv[1:] if argv is None else argv
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except PrefalignError as e:
+        if args.debug:
+            raise
+        print(f"prefalign: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("prefalign: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
