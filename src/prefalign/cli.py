@@ -29,7 +29,7 @@ def build_parser() -> argparse.ArgumentParser:
         try:
             module = importlib.import_module(module_name)
         except ModuleNotFoundError as e:
-            if e.name == module_name:  # the sub-command is not built yet
+            if e.name and (module_name == e.name or module_name.startswith(e.name + ".")):  # not built yet
                 continue
             raise
         getattr(module, fn)(sub)
