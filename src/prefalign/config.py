@@ -1,0 +1,280 @@
+"""`PrefAlignConfig`: TrainingArguments plus the preference-optimisation settings, and the YAML+flags loader.
+
+Names follow TRL where TRL has them (`beta`, `loss_type`, `max_length`, `max_prompt_length`,
+`label_smoothing`, `precompute_ref_log_probs`, …) so TRL recipes translate line by line.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import json
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+from transformers import TrainingArguments
+
+from .errors import ConfigError
+from .losses import LOSSES
+from .losses.amapo import VARIANTS
+
+REFERENCE_MODES = ("auto", "precomputed", "model", "adapter")
+
+
+@dataclass
+class PrefAlignConfig(TrainingArguments):
+    # Model
+    model_name_or_path: str | None = field(default=None, metadata={"help": "hub id, local folder, or smollm2-135m-instruct"})
+    gguf_file: str | None = field(default=None, metadata={"help": "GGUF file inside model_name_or_path (dequantised)"})
+    trust_remote_code: bool = field(default=False, metadata={"help": "run model code from the hub (off by default)"})
+    model_revision: str | None = None
+    # Data
+    dataset: str | None = field(default=None, metadata={"help": "hub id, file or folder of preference pairs"})
+    dataset_config: str | None = None
+    dataset_split: str | None = None
+    eval_dataset: str | None = field(default=None, metadata={"help": "held-out pairs for ranking accuracy"})
+    eval_split: str | None = None
+    columns: str | None = field(default=None, metadata={"help": "column mapping, e.g. prompt=question,chosen=good,rejected=bad"})
+    data_format: str = field(default="auto", metadata={"help": "auto, explicit, implicit or conversational"})
+    chat_template: str | None = field(default=None, metadata={"help": "chat template text or file for tokenizers without one"})
+    on_bad_row: str = field(default="skip", metadata={"help": "skip (counted) or error"})
+    max_length: int = 512
+    max_prompt_length: int = 256
+    truncation_mode: str = field(default="keep_end", metadata={"help": "keep_end or keep_start of the prompt"})
+    max_train_samples: int | None = None
+    max_eval_samples: int | None = None
+    # Loss
+    loss_type: str = field(default="amapo", metadata={"help": f"one of {', '.join(sorted(LOSSES))}"})
+    beta: float | None = field(default=None, metadata={"help": "loss temperature; None = the loss's default"})
+    gamma: float | None = field(default=None, metadata={"help": "SimPO target reward margin"})
+    label_smoothing: float = 0.0
+    amapo_variant: str = field(default="official", metadata={"help": "official (authors' code) or paper"})
+    amapo_z_norm: bool = True
+    amapo_exponential: bool = True
+    amapo_zero_margin: bool = True
+    sft_weight: float = field(default=0.0, metadata={"help": "weight of the chosen-completion NLL added to the loss"})
+    # Reference model (reference-based losses only)
+    reference: str = field(default="auto", metadata={"help": "auto, precomputed, model or adapter"})
+    ref_model_name_or_path: str | None = None
+    precompute_ref_log_probs: bool | None = field(default=None, metadata={"help": "TRL alias for reference=precomputed"})
+    ref_cache_dir: str | None = None
+    # LoRA
+    use_peft: bool = False
+    lora_r: int = 16
+    lora_alpha: int = 32
+    lora_dropout: float = 0.05
+    lora_target_modules: str = field(default="all-linear", metadata={"help": "all-linear or comma-separated names"})
+    # Numerics
+    on_nonfinite: str = field(default="error", metadata={"help": "error (stop with the step and rows) or skip (counted)"})
+
+    def __post_init__(self):
+        self._check()
+        super().__post_init__()
+
+    def _check(self) -> None:
+        def bad(key, why):
+            raise ConfigError(f"{key}: {why}")
+
+        if self.loss_type not in LOSSES:
+            near = difflib.get_close_matches(self.loss_type, LOSSES, n=1)
+            hint = f" (did you mean '{near[0]}'?)" if near else ""
+            bad("loss_type", f"unknown loss '{self.loss_type}'{hint}; valid: {', '.join(sorted(LOSSES))}")
+        if self.beta is not None and not self.beta > 0:
+            bad("beta", f"must be > 0, got {self.beta}")
+        if not 0 <= self.label_smoothing < 0.5:
+            bad("label_smoothing", f"must be in [0, 0.5), got {self.label_smoothing}")
+        if self.sft_weight < 0:
+            bad("sft_weight", f"must be >= 0, got {self.sft_weight}")
+        choices = {
+            "amapo_variant": VARIANTS,
+            "reference": REFERENCE_MODES,
+            "truncation_mode": ("keep_end", "keep_start"),
+            "on_bad_row": ("skip", "error"),
+            "on_nonfinite": ("error", "skip"),
+            "data_format": ("auto", "explicit", "implicit", "conversational"),
+        }
+        for key, allowed in choices.items():
+            if getattr(self, key) not in allowed:
+                bad(key, f"must be one of {', '.join(allowed)}, got {getattr(self, key)!r}")
+        if self.max_length <= 0 or self.max_prompt_length <= 0:
+            bad("max_length", "max_length and max_prompt_length must be positive")
+        if self.max_prompt_length >= self.max_length:
+            bad("max_prompt_length", f"({self.max_prompt_length}) must be smaller than max_length ({self.max_length})")
+        if self.precompute_ref_log_probs and self.reference not in ("auto", "precomputed"):
+            bad("precompute_ref_log_probs", f"conflicts with reference={self.reference}")
+
+    # -- what the loss needs -------------------------------------------------------------------------
+    @property
+    def loss_spec(self):
+        return LOSSES[self.loss_type]
+
+    def loss_hparams(self) -> dict:
+        """Hyperparameters for `compute_loss`, restricted to those the chosen loss takes."""
+        candidates = {
+            "beta": self.beta,
+            "gamma": self.gamma,
+            "label_smoothing": self.label_smoothing,
+            "amapo_variant": self.amapo_variant,
+            "z_norm": self.amapo_z_norm,
+            "exponential": self.amapo_exponential,
+            "zero_margin": self.amapo_zero_margin,
+        }
+        wanted = self.loss_spec.defaults
+        return {k: v for k, v in candidates.items() if k in wanted and v is not None}
+
+    def reference_mode(self) -> str:
+        """none, precomputed, model or adapter — what the trainer must do for the reference."""
+        if not self.loss_spec.needs_reference:
+            return "none"
+        if self.reference != "auto":
+            return self.reference
+        if self.precompute_ref_log_probs is False:
+            return "adapter" if self.use_peft else "model"
+        return "adapter" if self.use_peft else "precomputed"
+
+    def prefalign_dict(self) -> dict:
+        """The whole config as JSON-safe values (written next to the run as prefalign_config.json)."""
+        out = {}
+        for f in dataclasses.fields(self):
+            if not f.init:
+                continue
+            v = getattr(self, f.name)
+            try:
+                json.dumps(v)
+            except TypeError:
+                v = str(v)
+            out[f.name] = v
+        return out
+
+
+# -- loading: YAML recipe + command-line overrides -----------------------------------------------------
+
+# Keys older transformers/TRL recipes use, mapped to what this transformers calls them.
+ALIASES = {"warmup_ratio": "warmup_steps", "evaluation_strategy": "eval_strategy"}
+
+
+def _canonical(key: str) -> str:
+    fields = config_fields()
+    return ALIASES[key] if key not in fields and key in ALIASES and ALIASES[key] in fields else key
+
+
+def config_fields() -> dict[str, dataclasses.Field]:
+    return {f.name: f for f in dataclasses.fields(PrefAlignConfig) if f.init}
+
+
+def _unknown_key(key: str, where: str) -> ConfigError:
+    near = difflib.get_close_matches(key, config_fields(), n=1, cutoff=0.6)
+    hint = f"; did you mean '{near[0]}'?" if near else ""
+    return ConfigError(f"{where}: unknown key '{key}'{hint}")
+
+
+def _type_options(key: str) -> tuple[type, ...]:
+    hint = typing.get_type_hints(PrefAlignConfig)[key]
+    origin = typing.get_origin(hint)
+    if origin in (typing.Union, types.UnionType):
+        return tuple(typing.get_origin(a) or a for a in typing.get_args(hint) if a is not type(None))
+    return (origin or hint,)
+
+
+def coerce(key: str, value, where: str):
+    """Turn a YAML or command-line value into the field's type, or fail naming the key."""
+    if not isinstance(value, str):
+        if isinstance(value, int) and not isinstance(value, bool) and float in _type_options(key) and int not in _type_options(key):
+            return float(value)
+        return value
+    opts = _type_options(key)
+    text = value.strip()
+    try:
+        if bool in opts:
+            low = text.lower()
+            if low in ("true", "yes", "1", "on"):
+                return True
+            if low in ("false", "no", "0", "off"):
+                return False
+            if len(opts) == 1:
+                raise ValueError("expected true or false")
+        if text in ("null", "None", "~"):  # lower-case "none" stays a string: report_to uses it
+            return None
+        if int in opts:
+            try:
+                return int(text)
+            except ValueError:
+                if float not in opts and str not in opts:
+                    raise
+        if float in opts:
+            try:
+                return float(text)
+            except ValueError:
+                if str not in opts:
+                    raise
+        if list in opts and str not in opts:
+            return [s.strip() for s in text.split(",") if s.strip()]
+        if dict in opts and text.startswith("{"):
+            return json.loads(text)
+        return value
+    except ValueError as e:
+        raise ConfigError(f"{where}: {key}={value!r}: {e}") from None
+
+
+def parse_overrides(argv: list[str]) -> dict:
+    """`--key value`, `--key=value` and bare `--flag` (= true) into a dict, unknown keys rejected."""
+    out: dict = {}
+    i = 0
+    while i < len(argv):
+        tok = argv[i]
+        if not tok.startswith("--"):
+            raise ConfigError(f"command line: unexpected argument '{tok}' (options look like --key value)")
+        key, eq, val = tok[2:].partition("=")
+        key = _canonical(key.replace("-", "_"))
+        if not eq:
+            if i + 1 < len(argv) and not argv[i + 1].startswith("--"):
+                val = argv[i + 1]
+                i += 1
+            else:
+                val = "true"
+        if key not in config_fields():
+            raise _unknown_key(key, "command line")
+        out[key] = val
+        i += 1
+    return out
+
+
+def load_config(recipe: str | Path | None = None, overrides: list[str] | dict | None = None, **defaults) -> PrefAlignConfig:
+    """Recipe YAML (read with safe_load) < command-line overrides; `defaults` fill keys neither sets."""
+    values: dict = dict(defaults)
+    if recipe is not None:
+        path = Path(recipe)
+        try:
+            data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        except OSError as e:
+            raise ConfigError(f"{path}: cannot read recipe ({e.strerror or e})") from None
+        except yaml.YAMLError as e:
+            mark = getattr(e, "problem_mark", None)
+            where = f"{path}:{mark.line + 1}" if mark else str(path)
+            raise ConfigError(f"{where}: invalid YAML ({getattr(e, 'problem', e)})") from None
+        if not isinstance(data, dict):
+            raise ConfigError(f"{path}: a recipe must be a mapping of key: value")
+        for key, val in data.items():
+            key = _canonical(str(key))
+            if key not in config_fields():
+                raise _unknown_key(str(key), str(path))
+            values[key] = coerce(key, val, str(path))
+    if isinstance(overrides, dict):
+        over = {_canonical(k): v for k, v in overrides.items()}
+        for k in over:
+            if k not in config_fields():
+                raise _unknown_key(k, "overrides")
+    else:
+        over = parse_overrides(list(overrides or []))
+    for key, val in over.items():
+        values[key] = coerce(key, val, "command line")
+    values.setdefault("output_dir", "prefalign-output")
+    try:
+        return PrefAlignConfig(**values)
+    except ConfigError:
+        raise
+    except (ValueError, TypeError) as e:
+        raise ConfigError(str(e).splitlines()[0]) from None

@@ -1,0 +1,105 @@
+"""`prefalign eval --model PATH --dataset D`: held-out ranking accuracy of a model (or a LoRA run folder)."""
+
+from __future__ import annotations
+
+import json
+import sys
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser("eval", help="ranking accuracy of a model on preference pairs")
+    p.add_argument("--model", required=True, help="hub id, local folder, a prefalign output_dir, or smollm2-135m-instruct")
+    p.add_argument("--dataset", required=True, help="hub id, file or folder of preference pairs")
+    p.add_argument("--split", default=None)
+    p.add_argument("--dataset-config", default=None)
+    p.add_argument("--columns", default=None, help="e.g. prompt=question,chosen=good,rejected=bad")
+    p.add_argument("--format", dest="data_format", default="auto", choices=["auto", "explicit", "implicit", "conversational"])
+    p.add_argument("--chat-template", default=None)
+    p.add_argument("--reference", default=None, help="reference model: adds the DPO implicit-reward accuracy")
+    p.add_argument("--gguf-file", default=None)
+    p.add_argument("--trust-remote-code", action="store_true")
+    p.add_argument("--max-length", type=int, default=512)
+    p.add_argument("--max-prompt-length", type=int, default=256)
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--limit", type=int, default=None, help="evaluate the first N pairs only")
+    p.add_argument("--bf16", action="store_true", help="bf16 autocast")
+    p.add_argument("--per-pair", default=None, metavar="FILE", help="write one JSON line per pair")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.set_defaults(func=run)
+
+
+def evaluate_path(
+    model: str,
+    dataset: str,
+    *,
+    split=None,
+    dataset_config=None,
+    columns=None,
+    data_format="auto",
+    chat_template=None,
+    reference=None,
+    gguf_file=None,
+    trust_remote_code=False,
+    max_length=512,
+    max_prompt_length=256,
+    batch_size=8,
+    limit=None,
+    bf16=False,
+) -> tuple[dict, list[dict]]:
+    """Summary and per-pair records of `model` on `dataset` (one process)."""
+    import contextlib
+
+    import torch
+    from torch.utils.data import DataLoader
+
+    from .data import PairCollator, load_preference_data, tokenize_pairs
+    from .evaluate import score_pairs, summarize
+    from .logps import sequence_logps
+    from .models import load_model, load_tokenizer
+
+    kw = dict(gguf_file=gguf_file, trust_remote_code=trust_remote_code)
+    tokenizer = load_tokenizer(model, **kw)
+    policy = load_model(model, **kw)
+    pdata = load_preference_data(
+        dataset, tokenizer=tokenizer, split=split, config_name=dataset_config, columns=columns,
+        data_format=data_format, chat_template=chat_template,
+    )
+    ds = pdata.dataset if limit is None else pdata.dataset.select(range(min(limit, len(pdata.dataset))))
+    tok, tok_skipped = tokenize_pairs(ds, tokenizer, max_length=max_length, max_prompt_length=max_prompt_length)
+    loader = DataLoader(tok, batch_size=batch_size, shuffle=False, collate_fn=PairCollator(pad_token_id=tokenizer.pad_token_id))
+    autocast = (lambda: torch.autocast("cpu", dtype=torch.bfloat16)) if bf16 else contextlib.nullcontext
+    ref_fn = None
+    if reference:
+        ref_model = load_model(reference, trust_remote_code=trust_remote_code).eval()
+
+        def ref_fn(batch):
+            with autocast():
+                return sequence_logps(ref_model, batch["input_ids"], batch["attention_mask"], batch["labels"]).sum
+
+    records = score_pairs(policy, loader, reference=ref_fn, autocast=autocast)
+    summary = summarize(records)
+    skipped = {**pdata.skipped}
+    for k, v in tok_skipped.items():
+        skipped[k] = skipped.get(k, 0) + v
+    summary.update({"model": model, "dataset": dataset, "format": pdata.format, "n_rows": pdata.n_rows, "skipped": skipped})
+    return summary, records
+
+
+def run(args) -> int:
+    from .evaluate import format_summary, write_per_pair
+
+    summary, records = evaluate_path(
+        args.model, args.dataset, split=args.split, dataset_config=args.dataset_config, columns=args.columns,
+        data_format=args.data_format, chat_template=args.chat_template, reference=args.reference,
+        gguf_file=args.gguf_file, trust_remote_code=args.trust_remote_code, max_length=args.max_length,
+        max_prompt_length=args.max_prompt_length, batch_size=args.batch_size, limit=args.limit, bf16=args.bf16,
+    )
+    if args.per_pair:
+        write_per_pair(records, args.per_pair)
+    if args.json:
+        print(json.dumps(summary))
+    else:
+        print(format_summary(summary))
+        if summary["skipped"]:
+            print("skipped: " + ", ".join(f"{k}: {v}" for k, v in summary["skipped"].items()), file=sys.stderr)
+    return 0

@@ -1,0 +1,194 @@
+"""From a config to a trained model: tokenizer → data → model (+LoRA) → reference → trainer → save → eval.
+
+This is what `prefalign train` and `prefalign demo` run.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from .config import PrefAlignConfig
+from .errors import PrefalignError
+
+log = logging.getLogger(__name__)
+
+CONFIG_FILE = "prefalign_config.json"
+DATA_REPORT_FILE = "data_report.json"
+EVAL_FILE = "eval_results.json"
+PER_PAIR_FILE = "eval_per_pair.jsonl"
+
+
+@dataclass
+class PreparedData:
+    train: object  # tokenized datasets.Dataset
+    eval: object | None
+    report: dict
+
+
+def prepare_data(cfg: PrefAlignConfig, tokenizer) -> PreparedData:
+    from .data import load_preference_data, tokenize_pairs
+
+    report = {}
+
+    def one(source, split, limit, name):
+        pdata = load_preference_data(
+            source,
+            tokenizer=tokenizer,
+            split=split,
+            config_name=cfg.dataset_config,
+            columns=cfg.columns,
+            data_format=cfg.data_format,
+            chat_template=cfg.chat_template,
+            on_bad_row=cfg.on_bad_row,
+        )
+        ds = pdata.dataset
+        if limit is not None:
+            ds = ds.select(range(min(limit, len(ds))))
+        tok, tok_skipped = tokenize_pairs(
+            ds,
+            tokenizer,
+            max_length=cfg.max_length,
+            max_prompt_length=cfg.max_prompt_length,
+            truncation_mode=cfg.truncation_mode,
+            on_bad_row=cfg.on_bad_row,
+        )
+        skipped = {**pdata.skipped}
+        for k, v in tok_skipped.items():
+            skipped[k] = skipped.get(k, 0) + v
+        report[name] = {"source": str(source), "format": pdata.format, "n_rows": pdata.n_rows, "n_pairs": len(tok), "skipped": skipped}
+        skips = ", ".join(f"{k}: {v}" for k, v in skipped.items()) or "none"
+        log.info("%s data: %s (%s) — %d rows read, %d pairs kept, skipped: %s", name, source, pdata.format, pdata.n_rows, len(tok), skips)
+        if len(tok) == 0:
+            raise PrefalignError(f"{source}: no usable pairs (skipped: {skips})")
+        return tok
+
+    if not cfg.dataset:
+        raise PrefalignError("no dataset: set `dataset` in the recipe or pass --dataset PATH_OR_HUB_ID")
+    train = one(cfg.dataset, cfg.dataset_split, cfg.max_train_samples, "train")
+    evals = None
+    if cfg.eval_dataset:
+        evals = one(cfg.eval_dataset, cfg.eval_split, cfg.max_eval_samples, "eval")
+    return PreparedData(train, evals, report)
+
+
+def load_policy(cfg: PrefAlignConfig):
+    from .models import load_model, load_tokenizer
+
+    if not cfg.model_name_or_path:
+        raise PrefalignError("no model: set `model_name_or_path` (hub id, local folder, or smollm2-135m-instruct)")
+    kwargs = dict(gguf_file=cfg.gguf_file, trust_remote_code=cfg.trust_remote_code, revision=cfg.model_revision)
+    tokenizer = load_tokenizer(cfg.model_name_or_path, **kwargs)
+    model = load_model(cfg.model_name_or_path, **kwargs)
+    if cfg.use_peft:
+        from peft import LoraConfig, get_peft_model
+
+        targets = cfg.lora_target_modules
+        targets = targets if targets == "all-linear" else [t.strip() for t in targets.split(",") if t.strip()]
+        lora = LoraConfig(
+            task_type="CAUSAL_LM", r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout, target_modules=targets
+        )
+        model = get_peft_model(model, lora)
+    if cfg.gradient_checkpointing:
+        model.config.use_cache = False
+    return model, tokenizer
+
+
+def build_trainer(cfg: PrefAlignConfig, model, tokenizer, data: PreparedData):
+    from .data import PairCollator
+    from .trainer import PreferenceTrainer
+
+    collator = PairCollator(pad_token_id=tokenizer.pad_token_id)
+    mode = cfg.reference_mode()
+    ref_model = None
+    train, evals = data.train, data.eval
+    if mode == "model":
+        from .models import load_model
+
+        ref_model = load_model(
+            cfg.ref_model_name_or_path or cfg.model_name_or_path,
+            gguf_file=None if cfg.ref_model_name_or_path else cfg.gguf_file,
+            trust_remote_code=cfg.trust_remote_code,
+        )
+    elif mode == "precomputed":
+        from .reference_cache import with_reference_logps
+
+        if cfg.ref_model_name_or_path:
+            from .models import load_model
+
+            reference = load_model(cfg.ref_model_name_or_path, trust_remote_code=cfg.trust_remote_code)
+        else:
+            reference = model  # before training the policy is the reference: no second copy in memory
+        settings = {"max_length": cfg.max_length, "max_prompt_length": cfg.max_prompt_length, "truncation": cfg.truncation_mode}
+        kw = dict(batch_size=cfg.per_device_eval_batch_size, settings=settings, cache_dir=cfg.ref_cache_dir)
+        train, info = with_reference_logps(reference, train, collator, **kw)
+        data.report["reference_cache"] = info
+        if evals is not None:
+            evals, _ = with_reference_logps(reference, evals, collator, **kw)
+        del reference
+    return PreferenceTrainer(
+        model,
+        cfg,
+        data_collator=collator,
+        ref_model=ref_model,
+        train_dataset=train,
+        eval_dataset=evals,
+        processing_class=tokenizer,
+    )
+
+
+def _write_json(path: Path, obj) -> None:
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=2, default=str) + "\n", encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def train(cfg: PrefAlignConfig, *, evaluate_before: bool = False) -> dict:
+    """Train, save the final model and tokenizer in cfg.output_dir, evaluate; returns a summary dict.
+
+    With `evaluate_before`, the eval set is also scored before the first step (summary["eval_before"])."""
+    from .evaluate import summarize, write_per_pair
+
+    out = Path(cfg.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    _write_json(out / CONFIG_FILE, cfg.prefalign_dict())
+    model, tokenizer = load_policy(cfg)
+    data = prepare_data(cfg, tokenizer)
+    trainer = build_trainer(cfg, model, tokenizer, data)
+    if trainer.is_world_process_zero():
+        _write_json(out / DATA_REPORT_FILE, data.report)
+
+    before = None
+    if evaluate_before and data.eval is not None:
+        before = summarize(trainer.score())
+        if trainer.is_world_process_zero():
+            _write_json(out / "eval_before.json", before)
+
+    resume = cfg.resume_from_checkpoint
+    if isinstance(resume, str) and resume.lower() == "latest":
+        resume = True
+    t0 = time.time()
+    result = trainer.train(resume_from_checkpoint=resume)
+    train_seconds = time.time() - t0
+    trainer.save_model(str(out))
+    if trainer.is_world_process_zero():
+        tokenizer.save_pretrained(str(out))
+
+    summary = {"output_dir": str(out), "global_step": trainer.state.global_step, "train_seconds": train_seconds,
+               "train_loss": result.training_loss, "data": data.report}
+    if before is not None:
+        summary["eval_before"] = before
+    if data.eval is not None:
+        records = trainer.score()
+        ev = summarize(records)
+        summary["eval"] = ev
+        if trainer.is_world_process_zero():
+            _write_json(out / EVAL_FILE, ev)
+            write_per_pair(records, out / PER_PAIR_FILE)
+    if trainer.is_world_process_zero():
+        _write_json(out / "train_summary.json", summary)
+    return summary

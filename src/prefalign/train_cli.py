@@ -1,0 +1,38 @@
+"""`prefalign train [RECIPE.yaml] [--key value …]`: any PrefAlignConfig field can be set either way."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser(
+        "train",
+        help="train a model on preference pairs",
+        description="Train with a YAML recipe and/or --key value overrides (any TrainingArguments or prefalign key).",
+    )
+    p.add_argument("recipe", nargs="?", help="YAML recipe (keys as in `prefalign train --help-keys`)")
+    p.add_argument("--help-keys", action="store_true", help="list every config key with its default and exit")
+    p.add_argument("overrides", nargs=argparse.REMAINDER, help="--key value pairs")
+    p.set_defaults(func=run)
+
+
+def run(args) -> int:
+    from .config import config_fields, load_config
+    from .run import train
+
+    if args.help_keys:
+        for name, f in sorted(config_fields().items()):
+            doc = f.metadata.get("help", "").split("\n")[0]
+            print(f"{name} = {f.default!r}  {doc[:100]}")
+        return 0
+    recipe, overrides = args.recipe, list(args.overrides)
+    if recipe is not None and recipe.startswith("--"):  # flags only, no recipe
+        overrides, recipe = [recipe, *overrides], None
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    cfg = load_config(recipe, overrides)
+    summary = train(cfg)
+    print(json.dumps({k: v for k, v in summary.items() if k != "data"}, indent=2, default=str))
+    return 0

@@ -1,0 +1,231 @@
+"""`PreferenceTrainer`: transformers.Trainer with one concatenated forward pass per batch of pairs.
+
+The trainer knows a loss only through what it declares in the registry: whether it needs reference
+log-probs and whether it wants per-token means or sums. Everything else is `compute_loss`'s business.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections import defaultdict
+
+import torch
+from transformers import Trainer, TrainerCallback
+
+from .config import PrefAlignConfig
+from .errors import PrefalignError
+from .evaluate import score_pairs, summarize
+from .logps import sequence_logps
+from .losses import compute_loss
+from .metrics_log import MetricsFileCallback
+
+REF_COLUMNS = ("ref_chosen_logps_sum", "ref_rejected_logps_sum", "ref_chosen_logps_mean", "ref_rejected_logps_mean")
+
+
+class WithReferenceColumns:
+    """Wraps the pair collator: precomputed reference log-probs ride along as [B] tensors."""
+
+    def __init__(self, collator):
+        self.collator = collator
+
+    def __call__(self, rows: list[dict]) -> dict:
+        extra = {k: torch.tensor([r[k] for r in rows], dtype=torch.float32) for k in REF_COLUMNS if k in rows[0]}
+        batch = self.collator([{k: v for k, v in r.items() if k not in REF_COLUMNS} for r in rows])
+        batch.update(extra)
+        return batch
+
+
+def gather_variable(accelerator, t: torch.Tensor) -> torch.Tensor:
+    """all-gather a 1-D tensor whose length may differ between processes (rank order)."""
+    if accelerator.num_processes == 1:
+        return t
+    n = torch.tensor([t.shape[0]], device=t.device)
+    sizes = accelerator.gather(n).tolist()
+    padded = accelerator.pad_across_processes(t, dim=0)
+    full = accelerator.gather(padded).view(len(sizes), -1)
+    return torch.cat([full[i, :s] for i, s in enumerate(sizes)])
+
+
+class NonFiniteGradientGuard(TrainerCallback):
+    """A NaN/inf gradient stops the run naming the step and rows, or (on_nonfinite=skip) drops the step."""
+
+    def __init__(self, trainer: PreferenceTrainer):
+        self.trainer = trainer
+
+    def on_pre_optimizer_step(self, args, state, control, model=None, **kwargs):
+        grads = [p.grad for p in self.trainer.model.parameters() if p.grad is not None]
+        if not grads:
+            return
+        finite = torch.stack([torch.isfinite(g).all() for g in grads]).all()
+        if bool(finite):
+            self.trainer._rows_since_step.clear()
+            return
+        rows = sorted(self.trainer._rows_since_step)
+        self.trainer._rows_since_step.clear()
+        if args.on_nonfinite == "error":
+            raise PrefalignError(
+                f"non-finite gradient at step {state.global_step + 1} (dataset rows {rows[:20]}); "
+                "lower the learning rate or set on_nonfinite: skip"
+            )
+        for p in self.trainer.model.parameters():
+            p.grad = None  # the optimizer skips parameters without a gradient
+        self.trainer._skipped["nonfinite_grad_steps"] += 1
+
+
+class PreferenceTrainer(Trainer):
+    def __init__(self, model, args: PrefAlignConfig, *, data_collator, ref_model=None, **kwargs):
+        super().__init__(model=model, args=args, data_collator=WithReferenceColumns(data_collator), **kwargs)
+        self.loss_is_scaled_for_ga = False  # our loss is a per-micro-batch mean
+        self.model_accepts_loss_kwargs = False
+        self.spec = args.loss_spec
+        self.ref_mode = args.reference_mode()
+        self.ref_model = None
+        if ref_model is not None:
+            ref_model.eval().requires_grad_(False)
+            self.ref_model = self.accelerator.prepare_model(ref_model, evaluation_mode=True)
+        if self.ref_mode == "model" and self.ref_model is None:
+            raise PrefalignError(f"loss '{args.loss_type}' with reference=model needs a reference model")
+        self._metrics = {"train": defaultdict(list), "eval": defaultdict(list)}
+        self._alloc = {"train": [0.0, 0.0], "eval": [0.0, 0.0]}  # gradient weight on correct / all pairs
+        self._skipped = defaultdict(int)
+        self._rows_since_step: set[int] = set()
+        self.add_callback(MetricsFileCallback())
+        self.add_callback(NonFiniteGradientGuard(self))
+
+    # -- autocast also around our own head/log-softmax code, not only model.forward -------------------
+    def autocast_smart_context_manager(self, cache_enabled: bool | None = True):
+        return self.accelerator.autocast() if self.args.bf16 or self.args.fp16 else contextlib.nullcontext()
+
+    # -- reference log-probs --------------------------------------------------------------------------
+    def reference_logps(self, model, batch: dict) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """Summed and per-token mean reference log-probs, [2B] each (chosen then rejected), or None."""
+        if self.ref_mode == "none":
+            return None
+        if self.ref_mode == "precomputed":
+            if "ref_chosen_logps_sum" not in batch:
+                return None
+            return tuple(torch.cat([batch[f"ref_chosen_logps_{k}"], batch[f"ref_rejected_logps_{k}"]]) for k in ("sum", "mean"))
+        with torch.no_grad():
+            if self.ref_mode == "adapter":
+                with self.accelerator.unwrap_model(model).disable_adapter():
+                    lp = sequence_logps(model, batch["input_ids"], batch["attention_mask"], batch["labels"])
+            else:
+                lp = sequence_logps(self.ref_model, batch["input_ids"], batch["attention_mask"], batch["labels"])
+        return lp.sum, lp.mean
+
+    # -- the loss --------------------------------------------------------------------------------------
+    def pair_loss(self, model, batch: dict):
+        b = batch["row_index"].shape[0]
+        lp = sequence_logps(model, batch["input_ids"], batch["attention_mask"], batch["labels"])
+        used = lp.mean if self.spec.length_normalized else lp.sum
+        ref = self.reference_logps(model, batch)
+        if ref is None and self.ref_mode != "none":
+            raise PrefalignError("reference=precomputed but the batch carries no reference log-probs")
+        if ref is not None:
+            ref = ref[1] if self.spec.length_normalized else ref[0]
+        hparams = self.args.loss_hparams()
+        if self.args.loss_type == "amapo" and self.accelerator.num_processes > 1:
+            # μ and s over the micro-batch gathered from every process, as the official code does.
+            hparams["gather_fn"] = lambda t: gather_variable(self.accelerator, t)
+        out = compute_loss(
+            self.args.loss_type,
+            used[:b],
+            used[b:],
+            None if ref is None else ref[:b],
+            None if ref is None else ref[b:],
+            **hparams,
+        )
+        loss = out.losses.mean()
+        extra = {"logps/chosen": used[:b].detach().mean(), "logps/rejected": used[b:].detach().mean()}
+        if self.args.sft_weight > 0:
+            # Token-averaged NLL of the chosen completions (as the AMaPO code's CrossEntropyLoss does).
+            nll = -lp.sum[:b].sum() / lp.n_tokens[:b].sum().clamp(min=1)
+            loss = loss + self.args.sft_weight * nll
+            extra["sft_loss"] = nll.detach()
+        return loss, out, extra
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        mode = "train" if model.training else "eval"
+        loss, out, extra = self.pair_loss(model, inputs)
+        rows = inputs["row_index"].tolist()
+        if not torch.isfinite(loss):
+            if self.args.on_nonfinite == "error":
+                raise PrefalignError(
+                    f"non-finite loss ({loss.item()}) at step {self.state.global_step + 1}, dataset rows {rows[:20]}; "
+                    "check these rows or set on_nonfinite: skip"
+                )
+            self._skipped["nonfinite_loss_batches"] += 1
+            return loss.new_zeros((), requires_grad=True)
+        if mode == "train":
+            self._rows_since_step.update(rows)
+        store = self._metrics[mode]
+        for k, v in {**out.metrics, **extra}.items():
+            if not k.startswith("grad/"):
+                store[k].append(float(v))
+        self._alloc[mode][0] += float(out.grad_weights[out.correct].sum())
+        self._alloc[mode][1] += float(out.grad_weights.sum())
+        return (loss, out) if return_outputs else loss
+
+    # -- logging ---------------------------------------------------------------------------------------
+    def log(self, logs: dict, start_time: float | None = None) -> None:
+        mode = "train" if "loss" in logs else "eval" if any(k.startswith("eval_") for k in logs) else None
+        if mode == "train":
+            logs.update(self._collect(mode))
+        if self._skipped:
+            logs.update({f"skipped/{k}": v for k, v in self._skipped.items()})
+        super().log(logs, start_time)
+
+    def _collect(self, mode: str) -> dict:
+        """Mean of each stored metric since the last log, over all processes; gradient shares from sums."""
+        store = self._metrics[mode]
+        keys = sorted(store)
+        local = [sum(store[k]) / len(store[k]) for k in keys] + self._alloc[mode]
+        vals = torch.tensor(local, dtype=torch.float64, device=self.accelerator.device)
+        if self.accelerator.num_processes > 1:
+            gathered = self.accelerator.gather(vals[None]).view(self.accelerator.num_processes, -1)
+            vals = torch.cat([gathered[:, : len(keys)].mean(0), gathered[:, len(keys) :].sum(0)])
+        vals = vals.tolist()
+        out = {k: v for k, v in zip(keys, vals[: len(keys)])}
+        on_correct, total = vals[len(keys) :]
+        if total > 0:
+            out["grad/share_correct"] = on_correct / total
+            out["grad/share_misranked"] = 1 - on_correct / total
+        store.clear()
+        self._alloc[mode] = [0.0, 0.0]
+        return out
+
+    # -- evaluation: ranking accuracy on held-out pairs ------------------------------------------------
+    def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix: str = "eval") -> dict:
+        records = self.score(eval_dataset)
+        summary = summarize(records)
+        metrics = {
+            f"{metric_key_prefix}_{k}": v
+            for k, v in summary.items()
+            if isinstance(v, int | float) and not isinstance(v, bool)
+        }
+        self.log(metrics)
+        self.control = self.callback_handler.on_evaluate(self.args, self.state, self.control, metrics)
+        self.last_eval_records = records
+        return metrics
+
+    def score(self, eval_dataset=None) -> list[dict]:
+        """Per-pair records on the eval set (all processes gathered)."""
+        dataloader = self.get_eval_dataloader(eval_dataset)
+        model = self._wrap_model(self.model, training=False)
+
+        def reference(batch):
+            with self.autocast_smart_context_manager():
+                ref = self.reference_logps(model, batch)
+            return None if ref is None else ref[0]
+
+        ds = eval_dataset if eval_dataset is not None else self.eval_dataset
+        has_reference = self.ref_mode in ("model", "adapter") or (
+            self.ref_mode == "precomputed" and "ref_chosen_logps_sum" in ds.column_names
+        )
+        return score_pairs(
+            model,
+            dataloader,
+            reference=reference if has_reference else None,
+            gather=self.accelerator.gather_for_metrics if self.accelerator.num_processes > 1 else None,
+            autocast=self.autocast_smart_context_manager,
+        )

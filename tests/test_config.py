@@ -1,0 +1,86 @@
+"""Recipes + command-line overrides, unknown keys with suggestions, impossible values."""
+
+import pytest
+
+from prefalign.config import load_config
+from prefalign.errors import ConfigError
+
+
+def test_recipe_then_overrides(tmp_path):
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("loss_type: simpo\nbeta: 2.0\nlearning_rate: 1e-6\nuse_cpu: true\nreport_to: none\n")
+    cfg = load_config(recipe, ["--beta", "2.5", "--learning_rate=3e-7", "--gamma", "0.8", "--bf16"])
+    assert cfg.loss_type == "simpo"
+    assert cfg.beta == 2.5 and cfg.gamma == 0.8
+    assert cfg.learning_rate == pytest.approx(3e-7)
+    assert cfg.bf16 is True
+    assert cfg.loss_hparams() == {"beta": 2.5, "gamma": 0.8, "label_smoothing": 0.0}
+    assert cfg.reference_mode() == "none"
+
+
+def test_yaml_float_written_without_dot_is_a_float(tmp_path):
+    # PyYAML reads 1e-6 as a string; the config must still get a float.
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("learning_rate: 1e-6\nuse_cpu: true\n")
+    assert load_config(recipe).learning_rate == pytest.approx(1e-6)
+
+
+def test_unknown_key_suggests_the_nearest(tmp_path):
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("learnig_rate: 1e-6\n")
+    with pytest.raises(ConfigError, match=r"r.yaml: unknown key 'learnig_rate'; did you mean 'learning_rate'\?"):
+        load_config(recipe)
+    with pytest.raises(ConfigError, match=r"command line: unknown key 'bta'; did you mean 'beta'\?"):
+        load_config(None, ["--bta", "1"])
+
+
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--beta", "-1"], "beta: must be > 0"),
+        (["--label_smoothing", "0.5"], r"label_smoothing: must be in \[0, 0.5\)"),
+        (["--loss_type", "dpp"], "did you mean 'dpo'"),
+        (["--amapo_variant", "papper"], "amapo_variant: must be one of official, paper"),
+        (["--max_prompt_length", "600"], "max_prompt_length"),
+        (["--beta", "abc"], "beta='abc'"),
+        (["--use_peft", "maybe"], "use_peft='maybe'"),
+    ],
+)
+def test_impossible_values(flags, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config(None, [*flags, "--use_cpu"])
+
+
+def test_reference_mode_follows_the_loss():
+    assert load_config(None, ["--loss_type", "dpo", "--use_cpu"]).reference_mode() == "precomputed"
+    assert load_config(None, ["--loss_type", "dpo", "--use_peft", "--use_cpu"]).reference_mode() == "adapter"
+    assert load_config(None, ["--loss_type", "dpo", "--reference", "model", "--use_cpu"]).reference_mode() == "model"
+    assert load_config(None, ["--loss_type", "amapo", "--use_cpu"]).reference_mode() == "none"
+
+
+def test_amapo_switches_reach_the_loss():
+    cfg = load_config(None, ["--amapo_variant", "paper", "--amapo_exponential", "false", "--use_cpu"])
+    assert cfg.loss_hparams() == {
+        "label_smoothing": 0.0,
+        "amapo_variant": "paper",
+        "z_norm": True,
+        "exponential": False,
+        "zero_margin": True,
+    }
+
+
+def test_shipped_recipes_load():
+    from pathlib import Path
+
+    recipes = sorted((Path(__file__).resolve().parents[1] / "recipes").rglob("*.yaml"))
+    assert len(recipes) >= 11
+    for r in recipes:
+        cfg = load_config(r, ["--use_cpu", "--bf16", "false"])
+        assert cfg.loss_type in r.name
+
+
+def test_old_names_are_aliases(tmp_path):
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("warmup_ratio: 0.1\nevaluation_strategy: 'no'\nuse_cpu: true\n")
+    cfg = load_config(recipe)
+    assert cfg.warmup_steps == pytest.approx(0.1)
