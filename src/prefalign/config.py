@@ -67,6 +67,9 @@ class PrefAlignConfig(TrainingArguments):
     lora_alpha: int = 32
     lora_dropout: float = 0.05
     lora_target_modules: str = field(default="all-linear", metadata={"help": "all-linear or comma-separated names"})
+    # Trainer defaults that differ from TrainingArguments'
+    remove_unused_columns: bool = field(default=False, metadata={"help": "pair columns are not model.forward args"})
+    logging_steps: float = 10
     # Numerics
     on_nonfinite: str = field(default="error", metadata={"help": "error (stop with the step and rows) or skip (counted)"})
 

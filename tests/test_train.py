@@ -1,0 +1,166 @@
+"""End to end: every loss trains on real text, save/resume, eval --json, reference caching, LoRA."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+import torch
+from conftest import shared_path
+
+from prefalign.cli import main as cli_main
+from prefalign.config import load_config
+from prefalign.losses import LOSSES
+from prefalign.metrics_log import read_metrics
+from prefalign.run import train
+
+COMMON = [
+    "--use_cpu", "--report_to", "none", "--save_strategy", "no", "--logging_steps", "1",
+    "--per_device_train_batch_size", "2", "--per_device_eval_batch_size", "4",
+    "--max_length", "96", "--max_prompt_length", "48", "--seed", "0", "--disable_tqdm", "true",
+]
+
+
+@pytest.fixture(scope="module")
+def hh_small(tmp_path_factory):
+    """24 real HH-RLHF pairs (implicit-prompt transcripts) as a local .jsonl."""
+    import gzip
+
+    src = shared_path("data", "hh-rlhf", "helpful-base-test.jsonl.gz")
+    out = tmp_path_factory.mktemp("data") / "hh.jsonl"
+    with gzip.open(src, "rt", encoding="utf-8") as f:
+        rows = [json.loads(next(f)) for _ in range(40)]
+    rows = [r for r in rows if r["chosen"] != r["rejected"]][:24]
+    out.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return out
+
+
+def _cfg(model, data, out, *extra):
+    return load_config(None, ["--model_name_or_path", str(model), "--dataset", str(data),
+                              "--output_dir", str(out), *COMMON, *extra])
+
+
+@pytest.mark.parametrize("loss", sorted(LOSSES))
+def test_every_loss_trains_stories260k(loss, stories260k, hh_small, tmp_path):
+    cfg = _cfg(stories260k, hh_small, tmp_path / loss, "--loss_type", loss, "--max_steps", "2",
+               "--learning_rate", "1e-4", "--eval_dataset", str(hh_small), "--max_eval_samples", "8",
+               "--ref_cache_dir", str(tmp_path / "cache"))
+    summary = train(cfg)
+    assert summary["global_step"] == 2
+    rows = [r for r in read_metrics(tmp_path / loss / "metrics.jsonl") if "loss" in r]
+    assert len(rows) == 2 and all(torch.isfinite(torch.tensor(r["loss"])) for r in rows)
+    for key in ("rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins",
+                "logps/chosen", "logps/rejected"):
+        assert key in rows[0], key
+    if loss == "amapo":
+        assert {"amapo/mu", "amapo/std", "amapo/mean_margin", "amapo/margin_fraction"} <= set(rows[0])
+    assert summary["eval"]["n_pairs"] == 8
+    assert (tmp_path / loss / "model.safetensors").exists()
+    assert len((tmp_path / loss / "eval_per_pair.jsonl").read_text().splitlines()) == 8
+
+
+@pytest.mark.parametrize("loss", ["dpo", "simpo", "amapo"])
+def test_repeated_batch_is_learned(loss, stories260k, hh_small, tmp_path):
+    cfg = _cfg(stories260k, hh_small, tmp_path / "run", "--loss_type", loss, "--max_train_samples", "2",
+               "--max_steps", "8", "--learning_rate", "3e-3", "--lr_scheduler_type", "constant",
+               "--ref_cache_dir", str(tmp_path / "cache"))
+    train(cfg)
+    rows = [r for r in read_metrics(tmp_path / "run" / "metrics.jsonl") if "loss" in r]
+    margins = [r["rewards/margins"] for r in rows]
+    assert margins[-1] > margins[0] + 1, margins
+    if loss != "amapo":
+        assert rows[-1]["loss"] < 0.5 * rows[0]["loss"], [r["loss"] for r in rows]
+    # AMaPO's loss need not fall: once μ > 0 the below-mean pair's margin β·exp(z·μ) grows with μ.
+
+
+def test_sft_weight_adds_the_chosen_nll(stories260k, hh_small, tmp_path):
+    cfg = _cfg(stories260k, hh_small, tmp_path / "run", "--loss_type", "simpo", "--sft_weight", "0.5",
+               "--max_steps", "1", "--learning_rate", "0")
+    train(cfg)
+    row = next(r for r in read_metrics(tmp_path / "run" / "metrics.jsonl") if "loss" in r)
+    assert row["sft_loss"] > 0
+
+
+def test_save_and_resume_continue_the_step_count(stories260k, hh_small, tmp_path):
+    out = tmp_path / "run"
+    first = _cfg(stories260k, hh_small, out, "--max_steps", "4", "--save_strategy", "steps", "--save_steps", "2",
+                 "--learning_rate", "1e-4")
+    train(first)
+    assert (out / "checkpoint-4").is_dir()
+    shutil.rmtree(out / "checkpoint-4")  # as if the job died after step 2's checkpoint
+    resumed = _cfg(stories260k, hh_small, out, "--max_steps", "6", "--save_strategy", "steps", "--save_steps", "2",
+                   "--learning_rate", "1e-4", "--resume_from_checkpoint", "latest")
+    summary = train(resumed)
+    assert summary["global_step"] == 6
+    steps = [r["step"] for r in read_metrics(out / "metrics.jsonl") if "loss" in r]
+    assert steps[-4:] == [3, 4, 5, 6]
+
+
+def test_eval_json_on_a_trained_run(stories260k, hh_small, tmp_path, capsys):
+    out = tmp_path / "run"
+    train(_cfg(stories260k, hh_small, out, "--max_steps", "1"))
+    capsys.readouterr()
+    assert cli_main(["eval", "--model", str(out), "--dataset", str(hh_small), "--json", "--limit", "6",
+                     "--per-pair", str(tmp_path / "pp.jsonl")]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["n_pairs"] == 6 and 0 <= result["ranking_accuracy"] <= 1
+    per_pair = [json.loads(x) for x in (tmp_path / "pp.jsonl").read_text().splitlines()]
+    assert len(per_pair) == 6
+    assert result["ranking_accuracy"] == sum(p["delta"] > 0 for p in per_pair) / 6
+
+
+def test_precomputed_reference_equals_live_reference(stories260k, hh_small, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    from prefalign.logps import sequence_logps
+    from prefalign.models import load_tokenizer
+    from prefalign.run import build_trainer, load_policy, prepare_data
+
+    cfg = _cfg(stories260k, hh_small, tmp_path / "run", "--loss_type", "dpo", "--max_train_samples", "6",
+               "--ref_cache_dir", str(tmp_path / "cache"))
+    model, tok = load_policy(cfg)
+    data = prepare_data(cfg, tok)
+    trainer = build_trainer(cfg, model, tok, data)
+    assert data.report["reference_cache"]["reused"] is False
+    ref = AutoModelForCausalLM.from_pretrained(stories260k).eval()
+    batch = trainer.data_collator([trainer.train_dataset[i] for i in range(6)])
+    with torch.no_grad():
+        live = sequence_logps(ref, batch["input_ids"], batch["attention_mask"], batch["labels"])
+    torch.testing.assert_close(batch["ref_chosen_logps_sum"], live.sum[:6], atol=1e-4, rtol=1e-6)
+    torch.testing.assert_close(batch["ref_rejected_logps_mean"], live.mean[6:], atol=1e-6, rtol=1e-6)
+    # A second run with the same model, data and settings reuses the cache.
+    data2 = prepare_data(cfg, load_tokenizer(str(stories260k)))
+    build_trainer(cfg, load_policy(cfg)[0], tok, data2)
+    assert data2.report["reference_cache"]["reused"] is True
+
+
+def test_lora_run_saves_an_adapter_that_eval_loads(stories260k, hh_small, tmp_path, capsys):
+    out = tmp_path / "lora"
+    train(_cfg(stories260k, hh_small, out, "--loss_type", "dpo", "--use_peft", "--lora_r", "4",
+               "--lora_target_modules", "q_proj,v_proj", "--max_steps", "2", "--learning_rate", "1e-3"))
+    adapter = json.loads((out / "adapter_config.json").read_text())
+    assert adapter["base_model_name_or_path"]
+    assert not (out / "model.safetensors").exists()
+    capsys.readouterr()
+    assert cli_main(["eval", "--model", str(out), "--dataset", str(hh_small), "--json", "--limit", "4"]) == 0
+    assert json.loads(capsys.readouterr().out)["n_pairs"] == 4
+
+
+def test_nonfinite_loss_stops_with_step_and_rows(stories260k, hh_small, tmp_path, monkeypatch):
+    from prefalign.errors import PrefalignError
+    from prefalign.trainer import PreferenceTrainer
+
+    original = PreferenceTrainer.pair_loss
+
+    def poisoned(self, model, batch):
+        loss, out, extra = original(self, model, batch)
+        return loss * float("nan"), out, extra
+
+    monkeypatch.setattr(PreferenceTrainer, "pair_loss", poisoned)
+    with pytest.raises(PrefalignError, match=r"non-finite loss \(nan\) at step 1, dataset rows \["):
+        train(_cfg(stories260k, hh_small, tmp_path / "run", "--max_steps", "2"))
+    summary = train(_cfg(stories260k, hh_small, tmp_path / "skip", "--max_steps", "2", "--on_nonfinite", "skip"))
+    assert summary["global_step"] == 2
+    rows = [r for r in read_metrics(tmp_path / "skip" / "metrics.jsonl") if "loss" in r]
+    assert rows[-1]["skipped/nonfinite_loss_batches"] == 2
