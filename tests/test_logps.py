@@ -52,8 +52,8 @@ def test_hidden_mean_is_mean_over_completion_positions():
     out = sequence_logps(model, ids, mask, labels, with_hidden_mean=True)
     with torch.no_grad():
         hidden = model(input_ids=ids, attention_mask=mask, output_hidden_states=True).hidden_states[-1]
-    scored = labels[:, 1:] != -100
-    expected = torch.stack([hidden[i, :-1][scored[i]].mean(0) for i in range(ids.shape[0])])
+    completion = labels != -100
+    expected = torch.stack([hidden[i][completion[i]].mean(0) for i in range(ids.shape[0])])
     torch.testing.assert_close(out.hidden_mean, expected, atol=1e-6, rtol=1e-5)
 
 
@@ -66,3 +66,13 @@ def test_bf16_autocast_close_to_fp32():
             low = sequence_logps(model, ids, mask, labels)
     assert low.sum.dtype == torch.float32
     torch.testing.assert_close(low.mean, ref.mean, atol=0.05, rtol=0.02)
+
+
+def test_rows_past_n_scored_get_hidden_means_only():
+    model = tiny_llama()
+    ids, mask, labels = _batch(128)
+    full = sequence_logps(model, ids, mask, labels, with_hidden_mean=True)
+    part = sequence_logps(model, ids, mask, labels, with_hidden_mean=True, n_scored=2)
+    assert part.sum.shape == (2,)
+    torch.testing.assert_close(part.sum, full.sum[:2])
+    torch.testing.assert_close(part.hidden_mean, full.hidden_mean)

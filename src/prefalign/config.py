@@ -61,6 +61,12 @@ class PrefAlignConfig(TrainingArguments):
     ref_model_name_or_path: str | None = None
     precompute_ref_log_probs: bool | None = field(default=None, metadata={"help": "TRL alias for reference=precomputed"})
     ref_cache_dir: str | None = None
+    # SPO auxiliary loss (docs/spo.md)
+    use_spo: bool = field(default=False, metadata={"help": "add the SPO preference-degree loss to the preference loss"})
+    spo_weight: float = field(default=0.1, metadata={"help": "λ: weight of the SPO cross-entropy"})
+    spo_degrees: int = field(default=4, metadata={"help": "K: degrees of key-phrase removal, 0 = intact"})
+    spo_samples: int = field(default=1, metadata={"help": "degraded versions per response per step"})
+    spo_on: str = field(default="both", metadata={"help": "both, chosen or rejected responses"})
     # LoRA
     use_peft: bool = False
     lora_r: int = 16
@@ -98,10 +104,17 @@ class PrefAlignConfig(TrainingArguments):
             "on_bad_row": ("skip", "error"),
             "on_nonfinite": ("error", "skip"),
             "data_format": ("auto", "explicit", "implicit", "conversational"),
+            "spo_on": ("both", "chosen", "rejected"),
         }
         for key, allowed in choices.items():
             if getattr(self, key) not in allowed:
                 bad(key, f"must be one of {', '.join(allowed)}, got {getattr(self, key)!r}")
+        if self.spo_weight < 0:
+            bad("spo_weight", f"must be >= 0, got {self.spo_weight}")
+        if self.spo_degrees < 2:
+            bad("spo_degrees", f"must be at least 2, got {self.spo_degrees}")
+        if self.spo_samples < 1:
+            bad("spo_samples", f"must be at least 1, got {self.spo_samples}")
         if self.max_length <= 0 or self.max_prompt_length <= 0:
             bad("max_length", "max_length and max_prompt_length must be positive")
         if self.max_prompt_length >= self.max_length:

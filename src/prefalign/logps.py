@@ -44,9 +44,13 @@ def sequence_logps(
     labels: torch.Tensor,
     *,
     with_hidden_mean: bool = False,
+    n_scored: int | None = None,
     chunk_tokens: int = CHUNK_TOKENS,
 ) -> SequenceLogps:
-    """Log-probs of the label tokens (labels = -100 elsewhere) under a causal LM, per row."""
+    """Log-probs of the label tokens (labels = -100 elsewhere) under a causal LM, per row.
+
+    Only the first `n_scored` rows (default: all) are scored; `with_hidden_mean` adds, for every row, the
+    mean final hidden state over its completion tokens (the positions whose labels are set)."""
     out = model(
         input_ids=input_ids,
         attention_mask=attention_mask,
@@ -55,11 +59,13 @@ def sequence_logps(
         logits_to_keep=1,
     )
     hidden = out.hidden_states[-1]  # final (normed) hidden states, [N, T, H]
+    n_rows = input_ids.shape[0]
+    n_scored = n_rows if n_scored is None else n_scored
     # Position t predicts token t+1.
-    targets = labels[:, 1:]
+    targets = labels[:n_scored, 1:]
     scored = targets != -100
     rows, cols = scored.nonzero(as_tuple=True)
-    h = hidden[:, :-1][rows, cols]
+    h = hidden[:n_scored, :-1][rows, cols]
     t = targets[rows, cols]
     head = output_head(model)
     pieces = []
@@ -71,14 +77,14 @@ def sequence_logps(
             pieces.append(_token_logps(head, hs, ts))
     token_logps = torch.cat(pieces) if pieces else hidden.new_zeros(0, dtype=torch.float32)
 
-    n_rows = input_ids.shape[0]
-    sums = torch.zeros(n_rows, dtype=torch.float32, device=input_ids.device).index_add(0, rows, token_logps)
+    sums = torch.zeros(n_scored, dtype=torch.float32, device=input_ids.device).index_add(0, rows, token_logps)
     counts = scored.sum(-1)
     means = sums / counts.clamp(min=1)
     hidden_mean = None
     if with_hidden_mean:
-        hsum = torch.zeros(n_rows, h.shape[-1], dtype=h.dtype, device=h.device).index_add(0, rows, h)
-        hidden_mean = hsum.float() / counts.clamp(min=1)[:, None]
+        completion = (labels != -100).unsqueeze(-1)
+        hsum = (hidden.float() * completion).sum(1)
+        hidden_mean = hsum / completion.sum(1).clamp(min=1)
     return SequenceLogps(sum=sums, mean=means, n_tokens=counts, hidden_mean=hidden_mean)
 
 

@@ -61,6 +61,15 @@ def prepare_data(cfg: PrefAlignConfig, tokenizer) -> PreparedData:
         for k, v in tok_skipped.items():
             skipped[k] = skipped.get(k, 0) + v
         report[name] = {"source": str(source), "format": pdata.format, "n_rows": pdata.n_rows, "n_pairs": len(tok), "skipped": skipped}
+        if cfg.use_spo:
+            from .spo import add_spo_columns
+
+            tok, spo_counts = add_spo_columns(
+                ds, tok, tokenizer, degrees=cfg.spo_degrees, spo_on=cfg.spo_on, max_length=cfg.max_length
+            )
+            report[name]["spo"] = spo_counts
+            log.info("%s data: SPO samples from %d responses; %d responses without key phrases to grade",
+                     name, spo_counts["spo_responses"], spo_counts["spo_no_sample"])
         skips = ", ".join(f"{k}: {v}" for k, v in skipped.items()) or "none"
         log.info("%s data: %s (%s) — %d rows read, %d pairs kept, skipped: %s", name, source, pdata.format, pdata.n_rows, len(tok), skips)
         if len(tok) == 0:
@@ -164,9 +173,11 @@ def train(cfg: PrefAlignConfig, *, evaluate_before: bool = False) -> dict:
 
     before = None
     if evaluate_before and data.eval is not None:
-        before = summarize(trainer.score())
+        before_records = trainer.score()
+        before = summarize(before_records)
         if trainer.is_world_process_zero():
             _write_json(out / "eval_before.json", before)
+            write_per_pair(before_records, out / "eval_before_per_pair.jsonl")
 
     resume = cfg.resume_from_checkpoint
     if isinstance(resume, str) and resume.lower() == "latest":

@@ -18,21 +18,32 @@ from .evaluate import score_pairs, summarize
 from .logps import sequence_logps
 from .losses import compute_loss
 from .metrics_log import MetricsFileCallback
+from .spo import SPOCollator, SPOHead, spo_loss
 
 REF_COLUMNS = ("ref_chosen_logps_sum", "ref_rejected_logps_sum", "ref_chosen_logps_mean", "ref_rejected_logps_mean")
 
 
-class WithReferenceColumns:
-    """Wraps the pair collator: precomputed reference log-probs ride along as [B] tensors."""
+class TrainingCollator:
+    """Wraps the pair collator: precomputed reference log-probs ride along as [B] tensors, and with SPO the
+    batch gains its degraded-response rows."""
 
-    def __init__(self, collator):
+    def __init__(self, collator, spo=None):
         self.collator = collator
+        self.spo = spo
 
     def __call__(self, rows: list[dict]) -> dict:
         extra = {k: torch.tensor([r[k] for r in rows], dtype=torch.float32) for k in REF_COLUMNS if k in rows[0]}
-        batch = self.collator([{k: v for k, v in r.items() if k not in REF_COLUMNS} for r in rows])
+        batch = self.collator([{k: v for k, v in r.items() if k not in REF_COLUMNS and not k.startswith("spo_")} for r in rows])
         batch.update(extra)
+        if self.spo is not None and "spo_chosen_ids" in rows[0]:
+            batch = self.spo.add(batch, rows)
         return batch
+
+
+def _pad_cat(a: torch.Tensor, b: torch.Tensor, value: int) -> torch.Tensor:
+    width = max(a.shape[1], b.shape[1])
+    pad = lambda t: torch.nn.functional.pad(t, (0, width - t.shape[1]), value=value)  # noqa: E731
+    return torch.cat([pad(a), pad(b)])
 
 
 def gather_variable(accelerator, t: torch.Tensor) -> torch.Tensor:
@@ -72,9 +83,31 @@ class NonFiniteGradientGuard(TrainerCallback):
         self.trainer._skipped["nonfinite_grad_steps"] += 1
 
 
+class SPOHeadGradSync(TrainerCallback):
+    """The SPO head lives outside the DDP-wrapped model: average its gradient over processes by hand."""
+
+    def __init__(self, trainer: PreferenceTrainer):
+        self.trainer = trainer
+
+    def on_pre_optimizer_step(self, args, state, control, **kwargs):
+        acc = self.trainer.accelerator
+        for p in self.trainer.spo_head.parameters():
+            if p.grad is not None and acc.num_processes > 1:
+                p.grad = acc.reduce(p.grad, reduction="mean")
+
+
 class PreferenceTrainer(Trainer):
     def __init__(self, model, args: PrefAlignConfig, *, data_collator, ref_model=None, **kwargs):
-        super().__init__(model=model, args=args, data_collator=WithReferenceColumns(data_collator), **kwargs)
+        spo = None
+        if args.use_spo:
+            spo = SPOCollator(data_collator.pad_token_id, degrees=args.spo_degrees, samples=args.spo_samples, seed=args.seed)
+        super().__init__(model=model, args=args, data_collator=TrainingCollator(data_collator, spo), **kwargs)
+        self.spo_head = None
+        if args.use_spo:
+            hidden = self.accelerator.unwrap_model(model).config.hidden_size
+            torch.manual_seed(args.seed)
+            self.spo_head = SPOHead(hidden, args.spo_degrees).to(self.args.device)
+            self.add_callback(SPOHeadGradSync(self))
         self.loss_is_scaled_for_ga = False  # our loss is a per-micro-batch mean
         self.model_accepts_loss_kwargs = False
         self.spec = args.loss_spec
@@ -116,7 +149,15 @@ class PreferenceTrainer(Trainer):
     # -- the loss --------------------------------------------------------------------------------------
     def pair_loss(self, model, batch: dict):
         b = batch["row_index"].shape[0]
-        lp = sequence_logps(model, batch["input_ids"], batch["attention_mask"], batch["labels"])
+        spo = self.spo_head is not None and batch.get("spo_degrees") is not None and len(batch["spo_degrees"]) > 0
+        if spo:
+            # One forward for the pairs and the degraded rows; only the pair rows go through the output head.
+            ids = _pad_cat(batch["input_ids"], batch["spo_input_ids"], 0)
+            mask = _pad_cat(batch["attention_mask"], batch["spo_attention_mask"], 0)
+            labels = _pad_cat(batch["labels"], batch["spo_labels"], -100)
+            lp = sequence_logps(model, ids, mask, labels, with_hidden_mean=True, n_scored=2 * b)
+        else:
+            lp = sequence_logps(model, batch["input_ids"], batch["attention_mask"], batch["labels"])
         used = lp.mean if self.spec.length_normalized else lp.sum
         ref = self.reference_logps(model, batch)
         if ref is None and self.ref_mode != "none":
@@ -142,7 +183,28 @@ class PreferenceTrainer(Trainer):
             nll = -lp.sum[:b].sum() / lp.n_tokens[:b].sum().clamp(min=1)
             loss = loss + self.args.sft_weight * nll
             extra["sft_loss"] = nll.detach()
+        if spo:
+            aux, spo_metrics = spo_loss(self.spo_head, lp.hidden_mean[batch["spo_source"]], batch["spo_degrees"])
+            loss = loss + self.args.spo_weight * aux
+            extra.update(spo_metrics)
         return loss, out, extra
+
+    # -- the SPO head: optimised with the model, saved beside it -------------------------------------------
+    def create_optimizer(self, model=None):
+        optimizer = super().create_optimizer(model)
+        if self.spo_head is not None and not any(p is self.spo_head.linear.weight for g in optimizer.param_groups for p in g["params"]):
+            optimizer.add_param_group({"params": list(self.spo_head.parameters()), "weight_decay": 0.0})
+        return optimizer
+
+    def _save(self, output_dir: str | None = None, state_dict=None):
+        super()._save(output_dir, state_dict=state_dict)
+        if self.spo_head is not None and self.args.should_save:
+            self.spo_head.save(output_dir or self.args.output_dir)
+
+    def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
+        super()._load_from_checkpoint(resume_from_checkpoint, model)
+        if self.spo_head is not None:
+            self.spo_head.load_weights(resume_from_checkpoint)
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         mode = "train" if model.training else "eval"

@@ -1,0 +1,86 @@
+"""Adds SPO samples to a batch of pairs: for each response with degraded versions, `spo_samples` degrees
+drawn at random. Degree 0 is the response itself, so its sample reuses the pair's own row (no extra compute);
+other degrees become extra rows prompt + degraded completion."""
+
+from __future__ import annotations
+
+import random
+from collections import defaultdict
+
+import torch
+
+from ..data.collate import IGNORE_INDEX
+
+
+class SPOCollator:
+    def __init__(self, pad_token_id: int, *, degrees: int, samples: int = 1, seed: int = 0):
+        self.pad_token_id = pad_token_id
+        self.degrees = degrees
+        self.samples = samples
+        self.seed = seed
+        self._visits: dict[int, int] = defaultdict(int)
+
+    def _rng(self, row_index: int) -> random.Random:
+        # Deterministic per row and visit: the same run draws the same degrees.
+        visit = self._visits[row_index]
+        self._visits[row_index] += 1
+        return random.Random(f"{self.seed}:{row_index}:{visit}")
+
+    def add(self, batch: dict, rows: list[dict]) -> dict:
+        b = len(rows)
+        new_rows: list[tuple[list[int], list[int]]] = []
+        source, degree = [], []
+        for i, row in enumerate(rows):
+            rng = self._rng(int(row["row_index"]))
+            for side_offset, side in ((0, "chosen"), (b, "rejected")):
+                versions = row.get(f"spo_{side}_ids") or []
+                if not versions:
+                    continue
+                for _ in range(self.samples):
+                    d = rng.randrange(self.degrees)
+                    degree.append(d)
+                    if d == 0:
+                        source.append(side_offset + i)
+                    else:
+                        source.append(2 * b + len(new_rows))
+                        new_rows.append((list(row["prompt_input_ids"]), list(versions[d - 1])))
+        width = max((len(p) + len(c) for p, c in new_rows), default=0)
+        ids = torch.full((len(new_rows), width), self.pad_token_id, dtype=torch.long)
+        mask = torch.zeros((len(new_rows), width), dtype=torch.long)
+        labels = torch.full((len(new_rows), width), IGNORE_INDEX, dtype=torch.long)
+        for r, (prompt, completion) in enumerate(new_rows):
+            end = len(prompt) + len(completion)
+            ids[r, :end] = torch.tensor(prompt + completion)
+            mask[r, :end] = 1
+            labels[r, len(prompt) : end] = torch.tensor(completion)
+        batch.update(
+            spo_input_ids=ids,
+            spo_attention_mask=mask,
+            spo_labels=labels,
+            spo_source=torch.tensor(source, dtype=torch.long),
+            spo_degrees=torch.tensor(degree, dtype=torch.long),
+        )
+        return batch
+
+
+def all_degree_rows(rows: list[dict], degrees: int, pad_token_id: int) -> dict:
+    """Every degree of every gradable response (for evaluation): degree 0 rows are the intact completions."""
+    seqs, degree = [], []
+    for row in rows:
+        for side in ("chosen", "rejected"):
+            versions = row.get(f"spo_{side}_ids") or []
+            if not versions:
+                continue
+            for d, completion in enumerate([row[f"{side}_input_ids"], *versions]):
+                seqs.append((list(row["prompt_input_ids"]), list(completion)))
+                degree.append(d)
+    width = max((len(p) + len(c) for p, c in seqs), default=0)
+    ids = torch.full((len(seqs), width), pad_token_id, dtype=torch.long)
+    mask = torch.zeros((len(seqs), width), dtype=torch.long)
+    labels = torch.full((len(seqs), width), IGNORE_INDEX, dtype=torch.long)
+    for r, (prompt, completion) in enumerate(seqs):
+        end = len(prompt) + len(completion)
+        ids[r, :end] = torch.tensor(prompt + completion)
+        mask[r, :end] = 1
+        labels[r, len(prompt) : end] = torch.tensor(completion)
+    return {"input_ids": ids, "attention_mask": mask, "labels": labels, "degrees": torch.tensor(degree, dtype=torch.long)}
