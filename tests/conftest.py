@@ -7,6 +7,10 @@ from pathlib import Path
 import pytest
 import torch
 
+# The test models are tiny: one thread avoids OpenMP spin-waiting, which on a busy 2-core machine made
+# each step ~10x slower. Subprocess tests pass OMP_NUM_THREADS=1 for the same reason.
+torch.set_num_threads(1)
+
 REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared"
 

@@ -67,6 +67,9 @@ class PrefAlignConfig(TrainingArguments):
     spo_degrees: int = field(default=4, metadata={"help": "K: degrees of key-phrase removal, 0 = intact"})
     spo_samples: int = field(default=1, metadata={"help": "degraded versions per response per step"})
     spo_on: str = field(default="both", metadata={"help": "both, chosen or rejected responses"})
+    spo_head_learning_rate: float = field(
+        default=1e-3, metadata={"help": "the new, randomly initialised head learns at its own rate (scheduled like the model's)"}
+    )
     # LoRA
     use_peft: bool = False
     lora_r: int = 16

@@ -196,6 +196,10 @@ def train(cfg: PrefAlignConfig, *, evaluate_before: bool = False) -> dict:
     if data.eval is not None:
         records = trainer.score()
         ev = summarize(records)
+        if trainer.spo_head is not None:
+            confusion = trainer.spo_confusion(data.eval)
+            ev["spo_accuracy"] = float(confusion.trace() / confusion.sum().clamp(min=1))
+            ev["spo_confusion"] = confusion.tolist()  # rows: true degree, columns: predicted
         summary["eval"] = ev
         if trainer.is_world_process_zero():
             _write_json(out / EVAL_FILE, ev)

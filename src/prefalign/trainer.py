@@ -12,13 +12,14 @@ from collections import defaultdict
 import torch
 from transformers import Trainer, TrainerCallback
 
+from .checkpointing import CrashSafeCheckpointing, SigtermCheckpoint
 from .config import PrefAlignConfig
 from .errors import PrefalignError
 from .evaluate import score_pairs, summarize
 from .logps import sequence_logps
 from .losses import compute_loss
 from .metrics_log import MetricsFileCallback
-from .spo import SPOCollator, SPOHead, spo_loss
+from .spo import SPOCollator, SPOHead, all_degree_rows, spo_loss
 
 REF_COLUMNS = ("ref_chosen_logps_sum", "ref_rejected_logps_sum", "ref_chosen_logps_mean", "ref_rejected_logps_mean")
 
@@ -84,7 +85,8 @@ class NonFiniteGradientGuard(TrainerCallback):
 
 
 class SPOHeadGradSync(TrainerCallback):
-    """The SPO head lives outside the DDP-wrapped model: average its gradient over processes by hand."""
+    """The SPO head lives outside the (DDP-wrapped) model, so the Trainer neither averages its gradient over
+    processes nor clears it after a step (it calls model.zero_grad()): both are done here."""
 
     def __init__(self, trainer: PreferenceTrainer):
         self.trainer = trainer
@@ -95,8 +97,11 @@ class SPOHeadGradSync(TrainerCallback):
             if p.grad is not None and acc.num_processes > 1:
                 p.grad = acc.reduce(p.grad, reduction="mean")
 
+    def on_optimizer_step(self, args, state, control, **kwargs):
+        self.trainer.spo_head.zero_grad(set_to_none=True)
 
-class PreferenceTrainer(Trainer):
+
+class PreferenceTrainer(CrashSafeCheckpointing, Trainer):
     def __init__(self, model, args: PrefAlignConfig, *, data_collator, ref_model=None, **kwargs):
         spo = None
         if args.use_spo:
@@ -124,6 +129,7 @@ class PreferenceTrainer(Trainer):
         self._rows_since_step: set[int] = set()
         self.add_callback(MetricsFileCallback())
         self.add_callback(NonFiniteGradientGuard(self))
+        self.add_callback(SigtermCheckpoint())
 
     # -- autocast also around our own head/log-softmax code, not only model.forward -------------------
     def autocast_smart_context_manager(self, cache_enabled: bool | None = True):
@@ -193,7 +199,9 @@ class PreferenceTrainer(Trainer):
     def create_optimizer(self, model=None):
         optimizer = super().create_optimizer(model)
         if self.spo_head is not None and not any(p is self.spo_head.linear.weight for g in optimizer.param_groups for p in g["params"]):
-            optimizer.add_param_group({"params": list(self.spo_head.parameters()), "weight_decay": 0.0})
+            optimizer.add_param_group(
+                {"params": list(self.spo_head.parameters()), "weight_decay": 0.0, "lr": self.args.spo_head_learning_rate}
+            )
         return optimizer
 
     def _save(self, output_dir: str | None = None, state_dict=None):
@@ -265,10 +273,40 @@ class PreferenceTrainer(Trainer):
             for k, v in summary.items()
             if isinstance(v, int | float) and not isinstance(v, bool)
         }
+        ds = eval_dataset if eval_dataset is not None else self.eval_dataset
+        if self.spo_head is not None and "spo_chosen_ids" in ds.column_names:
+            confusion = self.spo_confusion(ds)
+            metrics[f"{metric_key_prefix}_spo_accuracy"] = float(confusion.trace() / confusion.sum().clamp(min=1))
+            self.last_spo_confusion = confusion.tolist()
         self.log(metrics)
         self.control = self.callback_handler.on_evaluate(self.args, self.state, self.control, metrics)
         self.last_eval_records = records
         return metrics
+
+    @torch.no_grad()
+    def spo_confusion(self, dataset) -> torch.Tensor:
+        """[K, K] counts of (true degree, predicted degree) over every degree of every gradable response."""
+        k = self.args.spo_degrees
+        pad = self.data_collator.collator.pad_token_id
+        loader = torch.utils.data.DataLoader(
+            dataset, batch_size=self.args.per_device_eval_batch_size, collate_fn=lambda rows: all_degree_rows(rows, k, pad)
+        )
+        model = self.accelerator.unwrap_model(self.model)
+        was_training = model.training
+        model.eval()
+        confusion = torch.zeros(k, k, dtype=torch.long)
+        for batch in loader:
+            if len(batch["degrees"]) == 0:
+                continue
+            batch = {n: t.to(self.args.device) for n, t in batch.items()}
+            with self.autocast_smart_context_manager():
+                lp = sequence_logps(model, batch["input_ids"], batch["attention_mask"], batch["labels"],
+                                    with_hidden_mean=True, n_scored=0)
+            predicted = self.spo_head(lp.hidden_mean).argmax(-1)
+            for t, p in zip(batch["degrees"].tolist(), predicted.tolist()):
+                confusion[t, p] += 1
+        model.train(was_training)
+        return confusion
 
     def score(self, eval_dataset=None) -> list[dict]:
         """Per-pair records on the eval set (all processes gathered)."""
