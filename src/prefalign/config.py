@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import json
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -94,8 +95,19 @@ class PrefAlignConfig(TrainingArguments):
             near = difflib.get_close_matches(self.loss_type, LOSSES, n=1)
             hint = f" (did you mean '{near[0]}'?)" if near else ""
             bad("loss_type", f"unknown loss '{self.loss_type}'{hint}; valid: {', '.join(sorted(LOSSES))}")
-        if self.beta is not None and not self.beta > 0:
-            bad("beta", f"must be > 0, got {self.beta}")
+        if self.beta is not None and not (self.beta > 0 and math.isfinite(self.beta)):
+            bad("beta", f"must be > 0 and finite, got {self.beta}")
+        if not (math.isfinite(self.learning_rate) and self.learning_rate >= 0):
+            bad("learning_rate", f"must be >= 0 and finite, got {self.learning_rate}")
+        for key in ("per_device_train_batch_size", "per_device_eval_batch_size", "gradient_accumulation_steps"):
+            if getattr(self, key) < 1:
+                bad(key, f"must be at least 1, got {getattr(self, key)}")
+        for key in ("max_train_samples", "max_eval_samples"):
+            if getattr(self, key) is not None and getattr(self, key) < 1:
+                bad(key, f"must be at least 1 (or unset for all), got {getattr(self, key)}")
+        if self.use_peft and self.lora_r < 1:
+            bad("lora_r", f"must be at least 1, got {self.lora_r}")
+        self._check_report_to()
         if not 0 <= self.label_smoothing < 0.5:
             bad("label_smoothing", f"must be in [0, 0.5), got {self.label_smoothing}")
         if self.sft_weight < 0:
@@ -124,6 +136,19 @@ class PrefAlignConfig(TrainingArguments):
             bad("max_prompt_length", f"({self.max_prompt_length}) must be smaller than max_length ({self.max_length})")
         if self.precompute_ref_log_probs and self.reference not in ("auto", "precomputed"):
             bad("precompute_ref_log_probs", f"conflicts with reference={self.reference}")
+
+    def _check_report_to(self) -> None:
+        from transformers.integrations import get_available_reporting_integrations
+
+        wanted = self.report_to if isinstance(self.report_to, list) else [self.report_to]
+        wanted = [w for w in wanted if w not in (None, "none", "all")]
+        available = set(get_available_reporting_integrations())
+        missing = [w for w in wanted if w not in available]
+        if missing:
+            raise ConfigError(
+                f"report_to: {', '.join(missing)} is not installed (available: {', '.join(sorted(available)) or 'none'}); "
+                "install it or pass --report_to none"
+            )
 
     # -- what the loss needs -------------------------------------------------------------------------
     @property
@@ -201,9 +226,17 @@ def _type_options(key: str) -> tuple[type, ...]:
 def coerce(key: str, value, where: str):
     """Turn a YAML or command-line value into the field's type, or fail naming the key."""
     if not isinstance(value, str):
-        if isinstance(value, int) and not isinstance(value, bool) and float in _type_options(key) and int not in _type_options(key):
+        opts = _type_options(key)
+        if isinstance(value, int) and not isinstance(value, bool) and float in opts and int not in opts:
             return float(value)
-        return value
+        if value is None or any(isinstance(value, t) for t in opts if isinstance(t, type)):
+            return value
+        if isinstance(value, bool) and str in opts and bool not in opts:
+            return "yes" if value else "no"  # YAML 1.1 reads a bare `no` as false: `eval_strategy: no`
+        if isinstance(value, int | float) and not isinstance(value, bool) and str in opts:
+            return str(value)
+        names = ", ".join(getattr(t, "__name__", str(t)) for t in opts)
+        raise ConfigError(f"{where}: {key}={value!r}: expected {names}, got {type(value).__name__}")
     opts = _type_options(key)
     text = value.strip()
     try:

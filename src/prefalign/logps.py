@@ -31,6 +31,8 @@ def _token_logps(head: torch.nn.Module, hidden: torch.Tensor, targets: torch.Ten
 
 
 def output_head(model: torch.nn.Module) -> torch.nn.Module:
+    while not hasattr(model, "get_output_embeddings") and hasattr(model, "module"):  # DDP and other wrappers
+        model = model.module
     head = model.get_output_embeddings()
     if head is None:
         raise ValueError(f"{type(model).__name__} has no output embeddings: not a causal language model")

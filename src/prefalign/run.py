@@ -85,14 +85,24 @@ def prepare_data(cfg: PrefAlignConfig, tokenizer) -> PreparedData:
     return PreparedData(train, evals, report)
 
 
-def load_policy(cfg: PrefAlignConfig):
-    from .models import load_model, load_tokenizer
-
+def _model_kwargs(cfg: PrefAlignConfig) -> dict:
     if not cfg.model_name_or_path:
         raise PrefalignError("no model: set `model_name_or_path` (hub id, local folder, or smollm2-135m-instruct)")
-    kwargs = dict(gguf_file=cfg.gguf_file, trust_remote_code=cfg.trust_remote_code, revision=cfg.model_revision)
-    tokenizer = load_tokenizer(cfg.model_name_or_path, **kwargs)
-    model = load_model(cfg.model_name_or_path, **kwargs)
+    return dict(gguf_file=cfg.gguf_file, trust_remote_code=cfg.trust_remote_code, revision=cfg.model_revision)
+
+
+def load_tokenizer_for(cfg: PrefAlignConfig):
+    from .models import load_tokenizer
+
+    return load_tokenizer(cfg.model_name_or_path, **_model_kwargs(cfg))
+
+
+def load_policy(cfg: PrefAlignConfig, tokenizer=None):
+    """The policy model (with LoRA adapters when use_peft) and its tokenizer."""
+    from .models import load_model
+
+    tokenizer = tokenizer or load_tokenizer_for(cfg)
+    model = load_model(cfg.model_name_or_path, **_model_kwargs(cfg))
     if cfg.use_peft:
         from peft import LoraConfig, get_peft_model
 
@@ -101,7 +111,10 @@ def load_policy(cfg: PrefAlignConfig):
         lora = LoraConfig(
             task_type="CAUSAL_LM", r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout, target_modules=targets
         )
-        model = get_peft_model(model, lora)
+        try:
+            model = get_peft_model(model, lora)
+        except ValueError as e:
+            raise PrefalignError(f"lora_target_modules={cfg.lora_target_modules!r}: {str(e).splitlines()[0]}") from None
     if cfg.gradient_checkpointing:
         model.config.use_cache = False
     return model, tokenizer
@@ -151,7 +164,7 @@ def build_trainer(cfg: PrefAlignConfig, model, tokenizer, data: PreparedData):
 
 
 def _write_json(path: Path, obj) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp = path.with_suffix(path.suffix + f".{os.getpid()}.tmp")  # every process may write: no shared temp name
     tmp.write_text(json.dumps(obj, indent=2, default=str) + "\n", encoding="utf-8")
     os.replace(tmp, path)
 
@@ -163,10 +176,23 @@ def train(cfg: PrefAlignConfig, *, evaluate_before: bool = False) -> dict:
     from .evaluate import summarize, write_per_pair
 
     out = Path(cfg.output_dir)
+    if out.exists() and not out.is_dir():
+        raise PrefalignError(f"output_dir {out}: exists and is not a folder")
     out.mkdir(parents=True, exist_ok=True)
+    resume = cfg.resume_from_checkpoint
+    if isinstance(resume, str) and resume.lower() == "latest":
+        from transformers.trainer_utils import get_last_checkpoint
+
+        resume = get_last_checkpoint(str(out))
+        if resume is None:
+            raise PrefalignError(f"resume_from_checkpoint latest: no checkpoint-N folder in {out}")
+    elif resume and not Path(resume).is_dir():
+        raise PrefalignError(f"resume_from_checkpoint {resume}: no such checkpoint folder")
     _write_json(out / CONFIG_FILE, cfg.prefalign_dict())
-    model, tokenizer = load_policy(cfg)
+    # Tokenizer and data first: a data error shows before minutes of model loading.
+    tokenizer = load_tokenizer_for(cfg)
     data = prepare_data(cfg, tokenizer)
+    model, tokenizer = load_policy(cfg, tokenizer)
     trainer = build_trainer(cfg, model, tokenizer, data)
     if trainer.is_world_process_zero():
         _write_json(out / DATA_REPORT_FILE, data.report)
@@ -179,9 +205,6 @@ def train(cfg: PrefAlignConfig, *, evaluate_before: bool = False) -> dict:
             _write_json(out / "eval_before.json", before)
             write_per_pair(before_records, out / "eval_before_per_pair.jsonl")
 
-    resume = cfg.resume_from_checkpoint
-    if isinstance(resume, str) and resume.lower() == "latest":
-        resume = True
     t0 = time.time()
     result = trainer.train(resume_from_checkpoint=resume)
     train_seconds = time.time() - t0

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 
@@ -13,10 +12,10 @@ def add_parser(sub) -> None:
         help="train a model on preference pairs",
         description="Train with a YAML recipe and/or --key value overrides (any TrainingArguments or prefalign key).",
     )
-    p.add_argument("recipe", nargs="?", help="YAML recipe (keys as in `prefalign train --help-keys`)")
+    p.usage = "prefalign train [RECIPE.yaml] [--key value ...]"
     p.add_argument("--help-keys", action="store_true", help="list every config key with its default and exit")
-    p.add_argument("overrides", nargs=argparse.REMAINDER, help="--key value pairs")
-    p.set_defaults(func=run)
+    # The recipe and the --key value overrides are taken from the unparsed arguments (cli.main).
+    p.set_defaults(func=run, accepts_overrides=True)
 
 
 def run(args) -> int:
@@ -28,9 +27,9 @@ def run(args) -> int:
             doc = f.metadata.get("help", "").split("\n")[0]
             print(f"{name} = {f.default!r}  {doc[:100]}")
         return 0
-    recipe, overrides = args.recipe, list(args.overrides)
-    if recipe is not None and recipe.startswith("--"):  # flags only, no recipe
-        overrides, recipe = [recipe, *overrides], None
+    tokens = list(args.overrides)
+    recipe = tokens.pop(0) if tokens and not tokens[0].startswith("--") else None
+    overrides = tokens
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     cfg = load_config(recipe, overrides)
     summary = train(cfg)

@@ -33,6 +33,8 @@ def tokenize_pairs(
     if tokenizer.eos_token_id is None:
         name = getattr(tokenizer, "name_or_path", "") or type(tokenizer).__name__
         raise DataError(f"tokenizer {name} has no EOS token, which ends every completion; set tokenizer.eos_token")
+    if len(dataset) == 0:  # map() on an empty dataset would not create the new columns
+        return dataset, {}
     tokenized = dataset.map(
         _tokenize_batch,
         batched=True,
