@@ -53,22 +53,22 @@ def resolve_model_path(name_or_path: str | os.PathLike) -> str:
     path = Path(name).expanduser()
     if path.exists():
         if not path.is_dir():
-            raise PrefalignError(f"model path {name} is a file; give the folder that holds it")
+            raise PrefalignError(f"model path {name} is a file; give its folder (and gguf_file= for a .gguf file)")
         return str(path.resolve())
     if _looks_local(name):
         raise PrefalignError(f"model path {name} does not exist")
     return name
 
 
-def _adapter_base(folder: str) -> str | None:
-    """The base model named by a peft adapter folder, or None when `folder` is not an adapter folder."""
+def _adapter_config(folder: str) -> dict | None:
+    """The adapter_config.json of a peft adapter folder, or None when `folder` is not one."""
     config_file = Path(folder) / ADAPTER_CONFIG
-    if not config_file.is_file():
+    if not os.path.isdir(folder) or not config_file.is_file():
         return None
-    base = json.loads(config_file.read_text()).get("base_model_name_or_path")
-    if not base:
+    config = json.loads(config_file.read_text())
+    if not config.get("base_model_name_or_path"):
         raise PrefalignError(f"{config_file} does not name its base model (base_model_name_or_path)")
-    return base
+    return config
 
 
 def _check_gguf(path: str, gguf_file: str | None) -> None:
@@ -108,10 +108,11 @@ def load_tokenizer(
     from transformers import AutoTokenizer
 
     path = resolve_model_path(name_or_path)
-    base = _adapter_base(path) if os.path.isdir(path) else None
+    adapter = _adapter_config(path)
     has_tokenizer = any((Path(path) / f).is_file() for f in ("tokenizer_config.json", "tokenizer.json"))
-    if base is not None and not has_tokenizer:
-        return load_tokenizer(base, trust_remote_code=trust_remote_code)
+    if adapter is not None and not has_tokenizer:
+        base = adapter["base_model_name_or_path"]
+        return load_tokenizer(base, trust_remote_code=trust_remote_code, revision=adapter.get("revision"))
     _check_gguf(path, gguf_file)
     try:
         tok = AutoTokenizer.from_pretrained(
@@ -135,11 +136,18 @@ def load_model(
     from transformers import AutoModelForCausalLM
 
     path = resolve_model_path(name_or_path)
-    base = _adapter_base(path) if os.path.isdir(path) else None
-    if base is not None:
+    adapter = _adapter_config(path)
+    if adapter is not None:
         from peft import PeftModel
 
-        base_model = load_model(base, trust_remote_code=trust_remote_code, dtype=dtype)
+        if not (Path(path) / "adapter_model.safetensors").is_file():
+            raise PrefalignError(f"adapter folder {path} has no adapter_model.safetensors (only safetensors are loaded)")
+        base_model = load_model(
+            adapter["base_model_name_or_path"],
+            trust_remote_code=trust_remote_code,
+            revision=adapter.get("revision"),
+            dtype=dtype,
+        )
         return PeftModel.from_pretrained(base_model, path, is_trainable=True)
 
     _check_gguf(path, gguf_file)

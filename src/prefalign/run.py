@@ -71,7 +71,8 @@ def prepare_data(cfg: PrefAlignConfig, tokenizer) -> PreparedData:
             log.info("%s data: SPO samples from %d responses; %d responses without key phrases to grade",
                      name, spo_counts["spo_responses"], spo_counts["spo_no_sample"])
         skips = ", ".join(f"{k}: {v}" for k, v in skipped.items()) or "none"
-        log.info("%s data: %s (%s) — %d rows read, %d pairs kept, skipped: %s", name, source, pdata.format, pdata.n_rows, len(tok), skips)
+        if tok_skipped:  # the loader already reported its own counts
+            log.info("%s data: %d pairs after tokenization, skipped: %s", name, len(tok), skips)
         if len(tok) == 0:
             raise PrefalignError(f"{source}: no usable pairs (skipped: {skips})")
         return tok

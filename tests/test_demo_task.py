@@ -1,0 +1,94 @@
+"""The generated demo task: deterministic, answers checked by recomputing them here, train and test disjoint."""
+
+from __future__ import annotations
+
+import json
+import re
+from collections import Counter
+
+import pytest
+
+from prefalign.demo_task import TASKS, UNITS, is_held_out, make_demo_pairs, write_demo_dataset
+
+N = 500  # 100 pairs of each task
+
+
+def text(pair: dict, key: str) -> str:
+    (message,) = pair[key]
+    return message["content"]
+
+
+def numbers_in_question(pair: dict) -> list[int]:
+    return [int(n) for n in re.findall(r"\d+", text(pair, "prompt"))]
+
+
+def correct_answer(pair: dict) -> str:
+    """The right answer, worked out from the question alone."""
+    question = text(pair, "prompt")
+    task = pair["task"]
+    if task == "addition":
+        a, b = map(int, re.fullmatch(r"What is (\d+) \+ (\d+)\?", question).groups())
+        return f"{a} + {b} = {a + b}."
+    if task == "parity":
+        (n,) = map(int, re.fullmatch(r"Is (\d+) even or odd\?", question).groups())
+        return f"{n} is {'even' if n % 2 == 0 else 'odd'}."
+    if task == "compare":
+        a, b = map(int, re.fullmatch(r"Which is larger, (\d+) or (\d+)\?", question).groups())
+        return f"{max(a, b)} is larger."
+    if task == "rounding":
+        (n,) = map(int, re.fullmatch(r"Round (\d+) to the nearest ten\.", question).groups())
+        return f"{n} rounded to the nearest ten is {int((n + 5) // 10 * 10)}."
+    if task == "units":
+        small, n, big = re.fullmatch(r"How many (\w+) are in (\d+) (\w+)\?", question).groups()
+        factor = {(b, s): f for b, s, f in UNITS}[(big, small)]
+        return f"{n} {big} is {int(n) * factor} {small}."
+    raise AssertionError(f"no check written for task {task}")
+
+
+@pytest.mark.parametrize("split", ["train", "test"])
+def test_pairs_are_well_formed_and_chosen_is_correct(split):
+    pairs = make_demo_pairs(split, N)
+    assert len(pairs) == N
+    assert Counter(p["task"] for p in pairs) == {name: N // len(TASKS) for name in TASKS}
+    for pair in pairs:
+        assert [m["role"] for m in pair["prompt"] + pair["chosen"] + pair["rejected"]] == ["user", "assistant", "assistant"]
+        assert text(pair, "chosen") == correct_answer(pair)
+        assert text(pair, "rejected") != text(pair, "chosen")
+
+
+def test_mistakes_carry_no_direction_cue():
+    """The rejected number is larger about as often as smaller, so "prefer small numbers" cannot rank pairs."""
+    larger = Counter()
+    for pair in make_demo_pairs("train", N):
+        if pair["task"] in ("addition", "rounding", "units"):
+            right, wrong = (int(re.findall(r"\d+", text(pair, k))[-1]) for k in ("chosen", "rejected"))
+            larger[wrong > right] += 1
+    assert 0.35 < larger[True] / sum(larger.values()) < 0.65
+
+
+def test_deterministic_for_a_seed_and_varies_with_it():
+    assert make_demo_pairs("train", 50, seed=3) == make_demo_pairs("train", 50, seed=3)
+    assert make_demo_pairs("train", 50, seed=3) != make_demo_pairs("train", 50, seed=4)
+    assert make_demo_pairs("train", 20, seed=3) == make_demo_pairs("train", 50, seed=3)[:20]
+
+
+def test_train_and_test_ask_about_disjoint_numbers():
+    train_numbers = {n for seed in (0, 1) for p in make_demo_pairs("train", N, seed) for n in numbers_in_question(p)}
+    test_numbers = {n for seed in (0, 1) for p in make_demo_pairs("test", N, seed) for n in numbers_in_question(p)}
+    assert train_numbers and test_numbers
+    assert not train_numbers & test_numbers
+    assert all(is_held_out(n) for n in test_numbers)
+    train_questions = {text(p, "prompt") for p in make_demo_pairs("train", N)}
+    assert not train_questions & {text(p, "prompt") for p in make_demo_pairs("test", N)}
+
+
+def test_unknown_split_is_rejected():
+    with pytest.raises(ValueError, match="split"):
+        make_demo_pairs("validation", 3)
+
+
+def test_write_demo_dataset_round_trips(tmp_path):
+    train_path, test_path = write_demo_dataset(tmp_path / "demo", n_train=12, n_test=7, seed=2)
+    rows = [json.loads(line) for line in train_path.read_text().splitlines()]
+    assert rows == make_demo_pairs("train", 12, seed=2)
+    assert len(test_path.read_text().splitlines()) == 7
