@@ -42,3 +42,11 @@ def tiny_llama(vocab_size: int = 128, seed: int = 0):
         tie_word_embeddings=False,
     )
     return LlamaForCausalLM(cfg)
+
+
+@pytest.fixture(scope="module")
+def stories():
+    """The stories260K tokenizer (vocabulary 512, no pad token, no chat template)."""
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(str(shared_path("models", "stories260K")))

@@ -8,12 +8,12 @@ from pathlib import Path
 
 import datasets
 import pytest
+from conftest import shared_path as shared
 
 from prefalign.data import load_preference_data
 from prefalign.data.formats import ASSISTANT_MARKER, implicit_prompt
 from prefalign.errors import ConfigError, DataError
 
-SHARED = Path(__file__).resolve().parents[1].parent / "shared"
 # A small template of our own: every turn ends with the EOS text, the answer follows "<|assistant|>\n".
 TEMPLATE = (
     "{% for m in messages %}<|{{ m['role'] }}|>\n{{ m['content'] }}{{ eos_token }}\n{% endfor %}"
@@ -21,18 +21,6 @@ TEMPLATE = (
 )
 
 
-def shared(*parts: str) -> Path:
-    path = SHARED.joinpath(*parts)
-    if not path.exists():
-        pytest.skip(f"{path} is absent: the shared data folder sits beside the repository checkout")
-    return path
-
-
-@pytest.fixture(scope="module")
-def stories():
-    from transformers import AutoTokenizer
-
-    return AutoTokenizer.from_pretrained(str(shared("models", "stories260K")))
 
 
 def write_jsonl(path: Path, rows: list[dict]) -> str:

@@ -4,21 +4,11 @@ from __future__ import annotations
 
 import gzip
 import json
-from pathlib import Path
 
-import pytest
+from conftest import shared_path as shared
 
 from prefalign.cli import main
 from prefalign.data.formats import implicit_prompt
-
-SHARED = Path(__file__).resolve().parents[1].parent / "shared"
-
-
-def shared(*parts: str) -> Path:
-    path = SHARED.joinpath(*parts)
-    if not path.exists():
-        pytest.skip(f"{path} is absent: the shared data folder sits beside the repository checkout")
-    return path
 
 
 def test_inspect_json_on_hh_rlhf(capsys):

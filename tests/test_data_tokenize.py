@@ -2,31 +2,14 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import datasets
 import pytest
 import torch
+from conftest import shared_path as shared
 
 from prefalign.data import PairCollator, load_preference_data, tokenize_pairs
 from prefalign.data.tokenize import truncate_pair
 from prefalign.errors import ConfigError, DataError
-
-SHARED = Path(__file__).resolve().parents[1].parent / "shared"
-
-
-def shared(*parts: str) -> Path:
-    path = SHARED.joinpath(*parts)
-    if not path.exists():
-        pytest.skip(f"{path} is absent: the shared data folder sits beside the repository checkout")
-    return path
-
-
-@pytest.fixture(scope="module")
-def stories():
-    from transformers import AutoTokenizer
-
-    return AutoTokenizer.from_pretrained(str(shared("models", "stories260K")))
 
 
 def pairs(*rows: tuple[str, str, str]) -> datasets.Dataset:

@@ -28,20 +28,23 @@ class PairCollator:
         prompts = [list(row["prompt_input_ids"]) for row in rows]
         completions = [list(row["chosen_input_ids"]) for row in rows] + [list(row["rejected_input_ids"]) for row in rows]
         prompts = prompts + prompts
-        width = max(len(p) + len(c) for p, c in zip(prompts, completions))
-        input_ids = torch.full((len(completions), width), self.pad_token_id, dtype=torch.long)
-        attention_mask = torch.zeros((len(completions), width), dtype=torch.long)
-        labels = torch.full((len(completions), width), IGNORE_INDEX, dtype=torch.long)
-        for i, (prompt, completion) in enumerate(zip(prompts, completions)):
-            end = len(prompt) + len(completion)
-            input_ids[i, :end] = torch.tensor(prompt + completion, dtype=torch.long)
-            attention_mask[i, :end] = 1
-            labels[i, len(prompt) : end] = torch.tensor(completion, dtype=torch.long)
         return {
-            "input_ids": input_ids,
-            "attention_mask": attention_mask,
-            "labels": labels,
+            **pad_sequences(list(zip(prompts, completions)), self.pad_token_id),
             "completion_lengths": torch.tensor([len(c) for c in completions], dtype=torch.long),
             "prompt_lengths": torch.tensor([len(p) for p in prompts], dtype=torch.long),
             "row_index": torch.tensor([row["row_index"] for row in rows], dtype=torch.long),
         }
+
+
+def pad_sequences(sequences: Sequence[tuple[list[int], list[int]]], pad_token_id: int) -> dict[str, torch.Tensor]:
+    """(prompt, completion) id lists as right-padded input_ids, attention_mask and labels (-100 off the completion)."""
+    width = max((len(p) + len(c) for p, c in sequences), default=0)
+    input_ids = torch.full((len(sequences), width), pad_token_id, dtype=torch.long)
+    attention_mask = torch.zeros((len(sequences), width), dtype=torch.long)
+    labels = torch.full((len(sequences), width), IGNORE_INDEX, dtype=torch.long)
+    for i, (prompt, completion) in enumerate(sequences):
+        end = len(prompt) + len(completion)
+        input_ids[i, :end] = torch.tensor(prompt + completion, dtype=torch.long)
+        attention_mask[i, :end] = 1
+        labels[i, len(prompt) : end] = torch.tensor(completion, dtype=torch.long)
+    return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}

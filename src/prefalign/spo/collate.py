@@ -9,7 +9,7 @@ from collections import defaultdict
 
 import torch
 
-from ..data.collate import IGNORE_INDEX
+from ..data.collate import pad_sequences
 
 
 class SPOCollator:
@@ -44,19 +44,11 @@ class SPOCollator:
                     else:
                         source.append(2 * b + len(new_rows))
                         new_rows.append((list(row["prompt_input_ids"]), list(versions[d - 1])))
-        width = max((len(p) + len(c) for p, c in new_rows), default=0)
-        ids = torch.full((len(new_rows), width), self.pad_token_id, dtype=torch.long)
-        mask = torch.zeros((len(new_rows), width), dtype=torch.long)
-        labels = torch.full((len(new_rows), width), IGNORE_INDEX, dtype=torch.long)
-        for r, (prompt, completion) in enumerate(new_rows):
-            end = len(prompt) + len(completion)
-            ids[r, :end] = torch.tensor(prompt + completion)
-            mask[r, :end] = 1
-            labels[r, len(prompt) : end] = torch.tensor(completion)
+        padded = pad_sequences(new_rows, self.pad_token_id)
         batch.update(
-            spo_input_ids=ids,
-            spo_attention_mask=mask,
-            spo_labels=labels,
+            spo_input_ids=padded["input_ids"],
+            spo_attention_mask=padded["attention_mask"],
+            spo_labels=padded["labels"],
             spo_source=torch.tensor(source, dtype=torch.long),
             spo_degrees=torch.tensor(degree, dtype=torch.long),
         )
@@ -74,13 +66,4 @@ def all_degree_rows(rows: list[dict], degrees: int, pad_token_id: int) -> dict:
             for d, completion in enumerate([row[f"{side}_input_ids"], *versions]):
                 seqs.append((list(row["prompt_input_ids"]), list(completion)))
                 degree.append(d)
-    width = max((len(p) + len(c) for p, c in seqs), default=0)
-    ids = torch.full((len(seqs), width), pad_token_id, dtype=torch.long)
-    mask = torch.zeros((len(seqs), width), dtype=torch.long)
-    labels = torch.full((len(seqs), width), IGNORE_INDEX, dtype=torch.long)
-    for r, (prompt, completion) in enumerate(seqs):
-        end = len(prompt) + len(completion)
-        ids[r, :end] = torch.tensor(prompt + completion)
-        mask[r, :end] = 1
-        labels[r, len(prompt) : end] = torch.tensor(completion)
-    return {"input_ids": ids, "attention_mask": mask, "labels": labels, "degrees": torch.tensor(degree, dtype=torch.long)}
+    return {**pad_sequences(seqs, pad_token_id), "degrees": torch.tensor(degree, dtype=torch.long)}
