@@ -19,29 +19,27 @@ def text(pair: dict, key: str) -> str:
 
 
 def numbers_in_question(pair: dict) -> list[int]:
-    return [int(n) for n in re.findall(r"\d+", text(pair, "prompt"))]
+    """The numbers a question was built from (0.26 counts as 26: its digits after the point)."""
+    return [int(n) for n in re.findall(r"(?<![\d.])(?:0\.)?(\d+)", text(pair, "prompt"))]
 
 
 def correct_answer(pair: dict) -> str:
     """The right answer, worked out from the question alone."""
     question = text(pair, "prompt")
     task = pair["task"]
-    if task == "addition":
-        a, b = map(int, re.fullmatch(r"What is (\d+) \+ (\d+)\?", question).groups())
-        return f"{a} + {b} = {a + b}."
-    if task == "parity":
-        (n,) = map(int, re.fullmatch(r"Is (\d+) even or odd\?", question).groups())
-        return f"{n} is {'even' if n % 2 == 0 else 'odd'}."
-    if task == "compare":
-        a, b = map(int, re.fullmatch(r"Which is larger, (\d+) or (\d+)\?", question).groups())
-        return f"{max(a, b)} is larger."
-    if task == "rounding":
-        (n,) = map(int, re.fullmatch(r"Round (\d+) to the nearest ten\.", question).groups())
-        return f"{n} rounded to the nearest ten is {int((n + 5) // 10 * 10)}."
     if task == "units":
         small, n, big = re.fullmatch(r"How many (\w+) are in (\d+) (\w+)\?", question).groups()
         factor = {(b, s): f for b, s, f in UNITS}[(big, small)]
         return f"{n} {big} is {int(n) * factor} {small}."
+    if task == "rounding":
+        (n,) = map(int, re.fullmatch(r"Round (\d+) to the nearest ten\.", question).groups())
+        return f"{n} rounded to the nearest ten is {round(n, -1)}."
+    if task == "decimals":
+        x, y = re.fullmatch(r"Which is larger, (0\.\d+) or (0\.\d+)\?", question).groups()
+        return f"{max(x, y, key=float)} is larger."
+    if task == "doubling":
+        (n,) = map(int, re.fullmatch(r"What is double (\d+)\?", question).groups())
+        return f"Double {n} is {n + n}."
     raise AssertionError(f"no check written for task {task}")
 
 
@@ -56,14 +54,22 @@ def test_pairs_are_well_formed_and_chosen_is_correct(split):
         assert text(pair, "rejected") != text(pair, "chosen")
 
 
-def test_mistakes_carry_no_direction_cue():
-    """The rejected number is larger about as often as smaller, so "prefer small numbers" cannot rank pairs."""
-    larger = Counter()
-    for pair in make_demo_pairs("train", N):
-        if pair["task"] in ("addition", "rounding", "units"):
-            right, wrong = (int(re.findall(r"\d+", text(pair, k))[-1]) for k in ("chosen", "rejected"))
-            larger[wrong > right] += 1
-    assert 0.35 < larger[True] / sum(larger.values()) < 0.65
+def test_mistakes_carry_no_surface_cue():
+    """The wrong number is larger about as often as smaller, the right decimal is the shorter one about half
+    the time: "prefer the smaller number" or "prefer the longer decimal" cannot rank the pairs."""
+    wrong_larger, short_right, doubled_odd = Counter(), Counter(), 0
+    for split in ("train", "test"):
+        for pair in make_demo_pairs(split, 2000):
+            chosen, rejected = text(pair, "chosen"), text(pair, "rejected")
+            if pair["task"] == "decimals":
+                short_right[len(chosen) < len(rejected)] += 1
+            else:
+                right, wrong = (int(re.findall(r"\d+", t)[-1]) for t in (chosen, rejected))
+                wrong_larger[wrong > right] += 1
+                doubled_odd += pair["task"] == "doubling" and wrong % 2 == 1
+    assert 0.4 < wrong_larger[True] / wrong_larger.total() < 0.6
+    assert 0.4 < short_right[True] / short_right.total() < 0.6
+    assert doubled_odd == 0  # an odd "double" would be given away by its parity
 
 
 def test_deterministic_for_a_seed_and_varies_with_it():

@@ -164,3 +164,16 @@ def test_nonfinite_loss_stops_with_step_and_rows(stories260k, hh_small, tmp_path
     assert summary["global_step"] == 2
     rows = [r for r in read_metrics(tmp_path / "skip" / "metrics.jsonl") if "loss" in r]
     assert rows[-1]["skipped/nonfinite_loss_batches"] == 2
+
+
+def test_prefix_sharing_gives_the_same_losses(stories260k, hh_small, tmp_path):
+    from prefalign.run import build_trainer, load_policy, prepare_data
+
+    def loss_of(*extra):
+        cfg = _cfg(stories260k, hh_small, tmp_path / "run", "--loss_type", "amapo", "--max_train_samples", "6", *extra)
+        model, tok = load_policy(cfg)
+        trainer = build_trainer(cfg, model, tok, prepare_data(cfg, tok))
+        batch = trainer.data_collator([trainer.train_dataset[i] for i in range(6)])
+        return trainer.pair_loss(trainer.model, batch)[1].losses.detach()
+
+    torch.testing.assert_close(loss_of("--prefix_sharing", "true"), loss_of(), atol=1e-5, rtol=1e-5)

@@ -57,6 +57,9 @@ class PrefAlignConfig(TrainingArguments):
     amapo_exponential: bool = True
     amapo_zero_margin: bool = True
     sft_weight: float = field(default=0.0, metadata={"help": "weight of the chosen-completion NLL added to the loss"})
+    prefix_sharing: bool = field(
+        default=False, metadata={"help": "encode each pair's prompt once: one prompt+chosen+rejected row, 4-D attention mask"}
+    )
     # Reference model (reference-based losses only)
     reference: str = field(default="auto", metadata={"help": "auto, precomputed, model or adapter"})
     ref_model_name_or_path: str | None = None

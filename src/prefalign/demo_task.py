@@ -1,7 +1,7 @@
 """A generated preference task with checkable answers, the data of `prefalign demo`.
 
 Each pair asks a short numeric question; `chosen` is the correct answer and `rejected` a plausible mistake
-(an off-by-one or off-by-ten sum, a wrong unit factor, rounding the wrong way, ...). Mistakes go both ways
+(a wrong unit factor, rounding the wrong way, 0.25 > 0.3, an off-by-ten double). Mistakes go both ways
 (too big as often as too small, the right answer first as often as second), so no surface cue such as
 "prefer the smaller number" ranks the pairs: a model has to get better at the question itself.
 
@@ -40,37 +40,9 @@ def _off_by(rng: random.Random, answer: int, steps: tuple[int, ...]) -> int:
     return answer - step if rng.random() < 0.5 and answer - step >= 0 else answer + step
 
 
-# Each task returns (question, correct answer, mistaken answer) for one random problem.
-
-
-def _addition(rng: random.Random, split: str) -> tuple[str, str, str]:
-    a, b = _draw(rng, split, 10, 99), _draw(rng, split, 10, 99)
-    wrong = _off_by(rng, a + b, (1, 10))  # a slip in the units or a lost carry
-    return f"What is {a} + {b}?", f"{a} + {b} = {a + b}.", f"{a} + {b} = {wrong}."
-
-
-def _parity(rng: random.Random, split: str) -> tuple[str, str, str]:
-    n = _draw(rng, split, 10, 999)
-    right, wrong = ("even", "odd") if n % 2 == 0 else ("odd", "even")
-    return f"Is {n} even or odd?", f"{n} is {right}.", f"{n} is {wrong}."
-
-
-def _compare(rng: random.Random, split: str) -> tuple[str, str, str]:
-    a = _draw(rng, split, 100, 999)
-    b = a
-    while b == a:  # close numbers: the digits must be read, not the length
-        b = _draw(rng, split, max(100, a - 60), min(999, a + 60))
-    return f"Which is larger, {a} or {b}?", f"{max(a, b)} is larger.", f"{min(a, b)} is larger."
-
-
-def _rounding(rng: random.Random, split: str) -> tuple[str, str, str]:
-    n = _draw(rng, split, 100, 999)
-    while n % 10 == 0:
-        n = _draw(rng, split, 100, 999)
-    down, up = n - n % 10, n - n % 10 + 10
-    right, wrong = (up, down) if n % 10 >= 5 else (down, up)
-    question = f"Round {n} to the nearest ten."
-    return question, f"{n} rounded to the nearest ten is {right}.", f"{n} rounded to the nearest ten is {wrong}."
+# Each task returns (question, correct answer, mistaken answer) for one random problem. These four are the
+# ones SmolLM2-135M-Instruct gets near chance before training and learns within a few minutes on a CPU;
+# tasks it already knows (addition: 93 %) or cannot learn that fast (parity, subtraction) were left out.
 
 
 # (from unit, to unit, factor): conversions by a power of ten, so the mistake is a lost or extra zero.
@@ -94,12 +66,41 @@ def _units(rng: random.Random, split: str) -> tuple[str, str, str]:
     )
 
 
+def _rounding(rng: random.Random, split: str) -> tuple[str, str, str]:
+    n = _draw(rng, split, 100, 999)
+    while n % 5 == 0:  # last digit 1-4 rounds down, 6-9 up: as many of each, and no tie to argue about
+        n = _draw(rng, split, 100, 999)
+    down, up = n - n % 10, n - n % 10 + 10
+    right, wrong = (up, down) if n % 10 > 5 else (down, up)
+    return (
+        f"Round {n} to the nearest ten.",
+        f"{n} rounded to the nearest ten is {right}.",
+        f"{n} rounded to the nearest ten is {wrong}.",
+    )
+
+
+def _decimals(rng: random.Random, split: str) -> tuple[str, str, str]:
+    """0.a against 0.bc: the classic slip is to think the longer decimal is larger."""
+    a, b = _draw(rng, split, 1, 9), _draw(rng, split, 10, 99)
+    while b // 10 == a or b % 10 == 0:  # the tenths decide, and 0.b0 would just be 0.b
+        b = _draw(rng, split, 10, 99)
+    short, long = f"0.{a}", f"0.{b}"
+    larger, smaller = (short, long) if a * 10 > b else (long, short)
+    first, second = (short, long) if rng.random() < 0.5 else (long, short)
+    return f"Which is larger, {first} or {second}?", f"{larger} is larger.", f"{smaller} is larger."
+
+
+def _doubling(rng: random.Random, split: str) -> tuple[str, str, str]:
+    n = _draw(rng, split, 10, 99)
+    wrong = _off_by(rng, 2 * n, (2, 10))  # even mistakes, so "the answer must be even" does not give it away
+    return f"What is double {n}?", f"Double {n} is {2 * n}.", f"Double {n} is {wrong}."
+
+
 TASKS: dict[str, Callable[[random.Random, str], tuple[str, str, str]]] = {
-    "addition": _addition,
-    "parity": _parity,
-    "compare": _compare,
-    "rounding": _rounding,
     "units": _units,
+    "rounding": _rounding,
+    "decimals": _decimals,
+    "doubling": _doubling,
 }
 
 

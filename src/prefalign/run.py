@@ -147,7 +147,17 @@ def build_trainer(cfg: PrefAlignConfig, model, tokenizer, data: PreparedData):
         else:
             reference = model  # before training the policy is the reference: no second copy in memory
         settings = {"max_length": cfg.max_length, "max_prompt_length": cfg.max_prompt_length, "truncation": cfg.truncation_mode}
-        kw = dict(batch_size=cfg.per_device_eval_batch_size, settings=settings, cache_dir=cfg.ref_cache_dir)
+        autocast = None
+        if cfg.bf16:  # the reference sees the same precision as the policy will during training
+            import torch
+
+            device_type = next(reference.parameters()).device.type
+            settings["bf16"] = True
+
+            def autocast():
+                return torch.autocast(device_type, dtype=torch.bfloat16)
+
+        kw = dict(batch_size=cfg.per_device_eval_batch_size, settings=settings, cache_dir=cfg.ref_cache_dir, autocast=autocast)
         train, info = with_reference_logps(reference, train, collator, **kw)
         data.report["reference_cache"] = info
         if evals is not None:

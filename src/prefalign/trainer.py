@@ -19,6 +19,7 @@ from .evaluate import score_pairs, summarize
 from .logps import sequence_logps
 from .losses import compute_loss
 from .metrics_log import MetricsFileCallback
+from .prefix_sharing import PrefixSharedCollator, attention_implementation, packed_inputs, prefix_shared_logps
 from .spo import SPOCollator, SPOHead, all_degree_rows, spo_loss
 
 REF_COLUMNS = ("ref_chosen_logps_sum", "ref_rejected_logps_sum", "ref_chosen_logps_mean", "ref_rejected_logps_mean")
@@ -103,6 +104,9 @@ class SPOHeadGradSync(TrainerCallback):
 
 class PreferenceTrainer(CrashSafeCheckpointing, Trainer):
     def __init__(self, model, args: PrefAlignConfig, *, data_collator, ref_model=None, **kwargs):
+        if args.prefix_sharing and not isinstance(data_collator, PrefixSharedCollator):
+            attention_implementation(model)  # refuses flash/flex attention before training starts
+            data_collator = PrefixSharedCollator(data_collator.pad_token_id)
         spo = None
         if args.use_spo:
             spo = SPOCollator(data_collator.pad_token_id, degrees=args.spo_degrees, samples=args.spo_samples, seed=args.seed)
@@ -162,6 +166,8 @@ class PreferenceTrainer(CrashSafeCheckpointing, Trainer):
             mask = _pad_cat(batch["attention_mask"], batch["spo_attention_mask"], 0)
             labels = _pad_cat(batch["labels"], batch["spo_labels"], -100)
             lp = sequence_logps(model, ids, mask, labels, with_hidden_mean=True, n_scored=2 * b)
+        elif "packed_input_ids" in batch:
+            lp = prefix_shared_logps(model, *packed_inputs(batch))
         else:
             lp = sequence_logps(model, batch["input_ids"], batch["attention_mask"], batch["labels"])
         used = lp.mean if self.spec.length_normalized else lp.sum

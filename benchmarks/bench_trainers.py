@@ -1,0 +1,569 @@
+"""Throughput and peak memory of prefalign's trainer against TRL's, on the same model, data, batches and lengths.
+
+    pip install trl            # the peer measured against; this script installs nothing
+    python benchmarks/bench_trainers.py                    # the full run (see benchmarks/README.md)
+    python benchmarks/bench_trainers.py --quick            # tiny model, fp32, a few steps: a smoke test
+
+Every trainer runs in its own fresh process (peak RSS = that process's ru_maxrss), on the same pairs in the
+same order (sequential sampling), tokenized once by prefalign so both see identical token ids and lengths.
+Step time = the gap between consecutive `on_step_end` callbacks (data, forward, backward, optimizer, all of
+it); pairs/s = batch pairs / median step time over the timed steps after the warm-up steps. The loss of every
+step is recorded unrounded (around `compute_loss`) so the losses of the two implementations can be compared.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gzip
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED = REPO.parent / "shared"
+HH = SHARED / "data" / "hh-rlhf" / "helpful-base-test.jsonl.gz"
+STORIES = SHARED / "models" / "stories260K"
+MODELS = {"smollm2": "smollm2-135m-instruct", "tiny": str(STORIES)}
+RESULT = "BENCH_RESULT "
+
+# name -> (implementation, prefalign loss or TRL trainer, use_spo, prefix sharing)
+TRAINERS = {
+    "trl-dpo": ("trl", "dpo", False, False),
+    "trl-dpo-precomputed": ("trl", "dpo-precomputed", False, False),
+    "prefalign-dpo": ("prefalign", "dpo", False, False),
+    "prefalign-dpo+ps": ("prefalign", "dpo", False, True),
+    "trl-cpo-simpo": ("trl", "cpo-simpo", False, False),
+    "prefalign-simpo": ("prefalign", "simpo", False, False),
+    "prefalign-simpo+ps": ("prefalign", "simpo", False, True),
+    "prefalign-amapo": ("prefalign", "amapo", False, False),
+    "prefalign-amapo+ps": ("prefalign", "amapo", False, True),
+    "prefalign-amapo+spo": ("prefalign", "amapo", True, False),
+}
+# (prefalign trainer, TRL trainer it is compared with, speed target, whether the losses must agree)
+COMPARISONS = [
+    ("prefalign-dpo", "trl-dpo", 1.3, True),
+    ("prefalign-dpo+ps", "trl-dpo", 1.3, True),
+    ("prefalign-dpo+ps", "trl-dpo-precomputed", None, True),
+    ("prefalign-simpo", "trl-cpo-simpo", 1.5, True),
+    ("prefalign-simpo+ps", "trl-cpo-simpo", 1.5, True),
+    ("prefalign-amapo", "trl-cpo-simpo", 1.5, False),
+    ("prefalign-amapo+ps", "trl-cpo-simpo", 1.5, False),
+    ("prefalign-amapo+spo", "trl-cpo-simpo", 1.5, False),
+]
+MEMORY_TARGET = 0.75
+BETAS = {"dpo": 0.1, "simpo": 2.0}  # prefalign's defaults, given to TRL explicitly
+SIMPO_GAMMA = 0.5
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Child process: one trainer, a few steps
+# ---------------------------------------------------------------------------------------------------------
+
+
+def _rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
+
+
+class _Recorder:
+    """Step timestamps (a TrainerCallback), unrounded per-step losses and per-batch token counts."""
+
+    def __init__(self):
+        self.ends: list[float] = []
+        self.cpu_ends: list[float] = []
+        self.losses: list[float] = []
+        self.tokens: list[int] = []  # non-padding tokens the model runs on (policy forward+backward)
+        self.padded: list[int] = []  # the same with padding: rows x width
+        self.start = self.cpu_start = None
+
+    def callback(self):
+        from transformers import TrainerCallback
+
+        rec = self
+
+        class StepClock(TrainerCallback):
+            def on_train_begin(self, args, state, control, **kwargs):
+                rec.start, rec.cpu_start = time.perf_counter(), time.process_time()
+
+            def on_step_end(self, args, state, control, **kwargs):
+                rec.ends.append(time.perf_counter())
+                rec.cpu_ends.append(time.process_time())
+
+        return StepClock()
+
+    def wrap_loss(self, trainer):
+        original = trainer.compute_loss
+
+        def compute_loss(model, inputs, return_outputs=False, num_items_in_batch=None):
+            out = original(model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch)
+            self.losses.append(float((out[0] if isinstance(out, tuple) else out).detach()))
+            return out
+
+        trainer.compute_loss = compute_loss
+
+    def wrap_collator(self, trainer, count):
+        collate = trainer.data_collator
+
+        def counted(rows):
+            batch = collate(rows)
+            real, padded = count(batch)
+            self.tokens.append(int(real))
+            self.padded.append(int(padded))
+            return batch
+
+        trainer.data_collator = counted
+
+
+def _mask_tokens(*masks):
+    return sum(int(m.sum()) for m in masks), sum(m.numel() for m in masks)
+
+
+def _prefalign_tokens(batch):
+    if "packed_segment_ids" in batch:
+        seg = batch["packed_segment_ids"]
+        real, padded = int((seg >= 0).sum()), seg.numel()
+    else:
+        real, padded = _mask_tokens(batch["attention_mask"])
+    if batch.get("spo_attention_mask") is not None:
+        r, p = _mask_tokens(batch["spo_attention_mask"])
+        real, padded = real + r, padded + p
+    return real, padded
+
+
+def use_prefix_sharing(trainer) -> None:
+    """Benchmark-only stand-in for a `prefix_sharing` config flag (see docs/performance.md): the trainer's
+    collator also packs each pair into one prompt+chosen+rejected row, and pair_loss takes the policy's
+    log-probs of the pairs from the packed forward. SPO batches keep the unshared path."""
+    from prefalign import trainer as trainer_module
+    from prefalign.logps import sequence_logps
+    from prefalign.prefix_sharing import PrefixSharedCollator, packed_inputs, prefix_shared_logps
+
+    wrapper = trainer.data_collator  # prefalign.trainer.TrainingCollator
+    wrapper.collator = PrefixSharedCollator(wrapper.collator.pad_token_id)
+    unshared_pair_loss = trainer.pair_loss
+
+    def pair_loss(model, batch):
+        def logps(m, input_ids, attention_mask, labels, **kwargs):
+            if input_ids is batch["input_ids"] and not kwargs:
+                return prefix_shared_logps(m, *packed_inputs(batch))
+            return sequence_logps(m, input_ids, attention_mask, labels, **kwargs)
+
+        trainer_module.sequence_logps = logps
+        try:
+            return unshared_pair_loss(model, batch)
+        finally:
+            trainer_module.sequence_logps = sequence_logps
+
+    trainer.pair_loss = pair_loss
+
+
+def _child_prefalign(spec: dict, rec: _Recorder):
+    import torch
+
+    from prefalign import reference_cache
+    from prefalign.config import config_fields, load_config
+    from prefalign.models import load_model, load_tokenizer
+    from prefalign.run import build_trainer, prepare_data
+
+    _, loss, spo, ps = TRAINERS[spec["trainer"]]
+    has_flag = "prefix_sharing" in config_fields()
+    overrides = {
+        "model_name_or_path": spec["model"], "dataset": spec["data"], "output_dir": spec["workdir"],
+        "loss_type": loss, "use_spo": spo, "use_cpu": True, "report_to": "none", "save_strategy": "no",
+        "eval_strategy": "no", "logging_steps": 10_000, "disable_tqdm": True, "seed": 0,
+        "per_device_train_batch_size": spec["batch"], "per_device_eval_batch_size": spec["batch"],
+        "gradient_accumulation_steps": 1, "learning_rate": spec["lr"], "max_steps": spec["warmup"] + spec["steps"],
+        "max_length": spec["max_length"], "max_prompt_length": spec["max_prompt_length"],
+        "bf16": spec["precision"] == "bf16", "train_sampling_strategy": "sequential",
+        "ref_cache_dir": str(Path(spec["workdir"]) / "ref-cache"),
+    }
+    if ps and has_flag:
+        overrides["prefix_sharing"] = True
+    cfg = load_config(None, overrides)
+    tok = load_tokenizer(spec["model"])
+    model = load_model(spec["model"], dtype=torch.float32)
+    data = prepare_data(cfg, tok)
+
+    timing = {"reference_s": 0.0}
+    compute = reference_cache.compute_reference_logps
+
+    def timed(*args, **kwargs):
+        t = time.perf_counter()
+        try:
+            return compute(*args, **kwargs)
+        finally:
+            timing["reference_s"] += time.perf_counter() - t
+
+    reference_cache.compute_reference_logps = timed
+    trainer = build_trainer(cfg, model, tok, data)
+    if ps and not has_flag:
+        use_prefix_sharing(trainer)
+    return trainer, model, len(data.train), timing["reference_s"], _prefalign_tokens
+
+
+def _trl_args(spec: dict, cls, **extra):
+    return cls(
+        output_dir=spec["workdir"], use_cpu=True, report_to="none", save_strategy="no", eval_strategy="no",
+        logging_steps=10_000, disable_tqdm=True, seed=0, per_device_train_batch_size=spec["batch"],
+        gradient_accumulation_steps=1, learning_rate=spec["lr"], max_steps=spec["warmup"] + spec["steps"],
+        bf16=spec["precision"] == "bf16", train_sampling_strategy="sequential",
+        gradient_checkpointing=False,  # TRL's default is True; prefalign's (transformers') is False
+        max_length=spec["max_length"], **extra,
+    )
+
+
+def _child_trl(spec: dict, rec: _Recorder):
+    import torch
+    from datasets import Dataset
+    from transformers import AutoModelForCausalLM
+
+    from prefalign.data import load_preference_data, tokenize_pairs
+    from prefalign.models import load_tokenizer, resolve_model_path
+
+    kind = TRAINERS[spec["trainer"]][1]
+    tok = load_tokenizer(spec["model"])
+    pairs = load_preference_data(spec["data"], tokenizer=tok)
+    tokenized, _ = tokenize_pairs(pairs.dataset, tok, max_length=spec["max_length"],
+                                  max_prompt_length=spec["max_prompt_length"])
+    prompts, chosens, rejecteds = (tokenized[c] for c in ("prompt_input_ids", "chosen_input_ids", "rejected_input_ids"))
+    model = AutoModelForCausalLM.from_pretrained(resolve_model_path(spec["model"]), dtype=torch.float32)
+    t0 = time.perf_counter()
+    if kind.startswith("dpo"):
+        from trl import DPOConfig, DPOTrainer
+
+        class PretokenizedDPO(DPOTrainer):
+            def _prepare_dataset(self, dataset, processing_class, args, dataset_name):
+                return dataset  # already prompt_ids / chosen_ids / rejected_ids, from prefalign's tokenizer
+
+        args = _trl_args(spec, DPOConfig, beta=BETAS["dpo"], loss_type=["sigmoid"],
+                         precompute_ref_log_probs=kind == "dpo-precomputed")
+        train = Dataset.from_dict({"prompt_ids": prompts, "chosen_ids": chosens, "rejected_ids": rejecteds})
+        trainer = PretokenizedDPO(model=model, args=args, train_dataset=train, processing_class=tok)
+
+        def count(batch):
+            return _mask_tokens(batch["attention_mask"])
+    else:
+        from trl.experimental.cpo import CPOConfig, CPOTrainer
+
+        class PretokenizedCPO(CPOTrainer):
+            def tokenize_row(self, feature, model=None):
+                p, c, r = feature["p_ids"], feature["c_ids"], feature["r_ids"]
+                out = {"prompt_input_ids": p, "prompt_attention_mask": [1] * len(p)}
+                for side, comp in (("chosen", c), ("rejected", r)):
+                    out[f"{side}_input_ids"] = p + comp
+                    out[f"{side}_attention_mask"] = [1] * (len(p) + len(comp))
+                    out[f"{side}_labels"] = [-100] * len(p) + comp
+                return out
+
+        args = _trl_args(spec, CPOConfig, loss_type="simpo", cpo_alpha=0.0, beta=BETAS["simpo"],
+                         simpo_gamma=SIMPO_GAMMA)
+        n = len(prompts)
+        train = Dataset.from_dict({"prompt": [""] * n, "chosen": [""] * n, "rejected": [""] * n,
+                                   "p_ids": prompts, "c_ids": chosens, "r_ids": rejecteds})
+        trainer = PretokenizedCPO(model=model, args=args, train_dataset=train, processing_class=tok)
+
+        def count(batch):
+            return _mask_tokens(batch["chosen_attention_mask"], batch["rejected_attention_mask"])
+
+    reference_s = time.perf_counter() - t0 if kind == "dpo-precomputed" else 0.0
+    return trainer, model, len(prompts), reference_s, count
+
+
+def child(spec: dict) -> None:
+    import torch
+
+    torch.set_num_threads(spec["threads"])
+    torch.manual_seed(0)
+    rec = _Recorder()
+    run = _child_trl if spec["trainer"].startswith("trl") else _child_prefalign
+    trainer, model, n_pairs, reference_s, count = run(spec, rec)
+    trainer.add_callback(rec.callback())
+    rec.wrap_loss(trainer)
+    rec.wrap_collator(trainer, count)
+    setup_rss = _rss_mb()
+    trainer.train()
+    ends, cpu_ends = [rec.start, *rec.ends], [rec.cpu_start, *rec.cpu_ends]
+    steps = [b - a for a, b in zip(ends, ends[1:])]
+    cpu_steps = [b - a for a, b in zip(cpu_ends, cpu_ends[1:])]
+    params = sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
+    out = {
+        "trainer": spec["trainer"], "step_s": steps, "cpu_step_s": cpu_steps, "losses": rec.losses, "tokens": rec.tokens,
+        "padded_tokens": rec.padded, "peak_rss_mb": _rss_mb(), "setup_rss_mb": setup_rss, "params": params,
+        "n_pairs": n_pairs, "reference_s": reference_s, "threads": torch.get_num_threads(),
+    }
+    print(RESULT + json.dumps(out), flush=True)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Parent: data, machine peak, the runs, the report
+# ---------------------------------------------------------------------------------------------------------
+
+
+def matmul_peak(threads: int, n: int = 1024, seconds: float = 1.0) -> dict[str, float]:
+    """Best FLOP per CPU-second of an n x n torch.matmul in fp32 and bf16, and of a SmolLM2-sized linear layer
+    under bf16 autocast (CPUs without bf16 instructions run the two bf16 paths at very different rates)."""
+    import torch
+
+    torch.set_num_threads(threads)
+
+    def best(fn, flops):
+        fn()
+        top, t_end = 0.0, time.perf_counter() + seconds
+        while time.perf_counter() < t_end:
+            t = time.process_time()
+            fn()
+            top = max(top, flops / max(time.process_time() - t, 1e-9))
+        return top
+
+    out = {}
+    for name, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
+        a, b = torch.randn(n, n).to(dtype), torch.randn(n, n).to(dtype)
+        out[f"matmul_{name}"] = best(lambda a=a, b=b: torch.matmul(a, b), 2 * n**3)
+    x, layer = torch.randn(2048, 576), torch.nn.Linear(576, 1536, bias=False)
+
+    def autocast_linear():
+        with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+            layer(x)
+
+    out["linear_bf16_autocast"] = best(autocast_linear, 2 * 2048 * 576 * 1536)
+    out["fp32"] = out["matmul_fp32"]
+    out["bf16"] = max(out["matmul_bf16"], out["linear_bf16_autocast"])
+    return out
+
+
+def prepare_pairs(model: str, n_pairs: int, max_length: int, max_prompt_length: int, out: Path) -> dict:
+    """Write the first `n_pairs` HH-RLHF pairs that survive prefalign's tokenization (raw lines, so that every
+    child reads and tokenizes them itself) and return the token lengths of all usable pairs."""
+    from prefalign.data import load_preference_data, tokenize_pairs
+    from prefalign.models import load_tokenizer
+
+    tok = load_tokenizer(model)
+    pairs = load_preference_data(str(HH), tokenizer=tok)
+    tokenized, _ = tokenize_pairs(pairs.dataset, tok, max_length=max_length, max_prompt_length=max_prompt_length)
+    keep = tokenized["row_index"][:n_pairs]
+    if len(keep) < n_pairs:
+        raise SystemExit(f"only {len(keep)} usable pairs, {n_pairs} needed")
+    with gzip.open(HH, "rt", encoding="utf-8") as f:
+        lines = f.readlines()
+    out.write_text("".join(lines[i] for i in keep))
+    return {"lengths": [(len(p), len(c), len(r)) for p, c, r in zip(
+        tokenized["prompt_input_ids"], tokenized["chosen_input_ids"], tokenized["rejected_input_ids"])]}
+
+
+def padding_study(lengths: list[tuple[int, int, int]], batch: int, seed: int = 0) -> dict[str, dict]:
+    """Tokens the model runs on per pair over one epoch: unshared (2 rows of prompt+completion) or packed
+    (1 row prompt+chosen+rejected), in random batches or in transformers' LengthGroupedSampler order."""
+    import torch
+    from transformers.trainer_pt_utils import get_length_grouped_indices
+
+    unshared = [max(p + c, p + r) for p, c, r in lengths]
+    packed = [p + c + r for p, c, r in lengths]
+    real = {"unshared": sum(2 * p + c + r for p, c, r in lengths), "packed": sum(packed)}
+    out = {}
+    for layout, key, rows in (("unshared", unshared, 2), ("packed", packed, 1)):
+        for order in ("random", "grouped"):
+            g = torch.Generator().manual_seed(seed)
+            if order == "random":
+                idx = torch.randperm(len(lengths), generator=g).tolist()
+            else:
+                idx = get_length_grouped_indices(key, batch, generator=g)
+            computed = sum(rows * len(idx[i : i + batch]) * max(key[j] for j in idx[i : i + batch])
+                           for i in range(0, len(idx), batch))
+            out[f"{layout}/{order}"] = {
+                "tokens_per_pair": computed / len(lengths),
+                "real_tokens_per_pair": real[layout] / len(lengths),
+                "padding_fraction": 1 - real[layout] / computed,
+            }
+    return out
+
+
+def run_child(spec: dict, timeout: float) -> dict:
+    env = dict(os.environ, OMP_NUM_THREADS=str(spec["threads"]), MKL_NUM_THREADS=str(spec["threads"]),
+               TOKENIZERS_PARALLELISM="false", TRANSFORMERS_VERBOSITY="error", PYTHONWARNINGS="ignore")
+    cmd = [sys.executable, str(Path(__file__).resolve()), "--child", json.dumps(spec)]
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=timeout, cwd=REPO)
+    except subprocess.TimeoutExpired:
+        return {"trainer": spec["trainer"], "error": f"timed out after {timeout:.0f} s"}
+    for line in proc.stdout.splitlines():
+        if line.startswith(RESULT):
+            return json.loads(line[len(RESULT):])
+    tail = "\n".join((proc.stdout + proc.stderr).strip().splitlines()[-25:])
+    return {"trainer": spec["trainer"], "error": f"exit {proc.returncode}:\n{tail}"}
+
+
+def summarize(r: dict, spec: dict, peak: dict[str, float]) -> dict:
+    if "error" in r:
+        return r
+    w = spec["warmup"]
+    wall, cpu = r["step_s"][w:], r["cpu_step_s"][w:]
+    tokens = statistics.median(r["tokens"][w : w + len(wall)])
+    flops = (6 + (2 if r["trainer"] == "trl-dpo" else 0)) * r["params"] * tokens  # + a live reference forward
+    s = dict(r)
+    s.update(
+        wall_s=statistics.median(wall),
+        cpu_s=statistics.median(cpu),
+        tokens_per_step=tokens,
+    )
+    s.update(
+        pairs_per_s=spec["batch"] / s["wall_s"],
+        pairs_per_cpu_s=spec["batch"] / s["cpu_s"],
+        achieved_flops=flops / s["cpu_s"],
+        peak_fraction=flops / s["cpu_s"] / peak[spec["precision"]],
+    )
+    if r["reference_s"]:
+        # A reference pass before training (wall time): its cost per pair, spread over one epoch of training.
+        s["pairs_per_s_with_reference_pass"] = 1 / (1 / s["pairs_per_s"] + r["reference_s"] / r["n_pairs"])
+    return s
+
+
+def report(case: str, spec: dict, results: dict[str, dict]) -> list[dict]:
+    print(f"\n=== {case}: batch {spec['batch']} pairs, max_length {spec['max_length']} (prompt "
+          f"{spec['max_prompt_length']}), {spec['threads']} thread(s); medians of {spec['steps']} steps after "
+          f"{spec['warmup']} warm-up ===")
+    print(f"{'trainer':22} {'pairs/cpu-s':>11} {'pairs/s':>8} {'cpu s':>6} {'wall s':>6} {'tok/step':>8} "
+          f"{'peak RSS MB':>11} {'setup MB':>8} {'GFLOP/s':>7} {'%peak':>5}  per-step losses")
+    for name, s in results.items():
+        if "error" in s:
+            print(f"{name:22} FAILED {s['error']}")
+            continue
+        losses = " ".join(f"{x:.6f}" for x in s["losses"])
+        print(f"{name:22} {s['pairs_per_cpu_s']:11.3f} {s['pairs_per_s']:8.3f} {s['cpu_s']:6.2f} {s['wall_s']:6.2f} "
+              f"{s['tokens_per_step']:8.0f} {s['peak_rss_mb']:11.0f} {s['setup_rss_mb']:8.0f} "
+              f"{s['achieved_flops'] / 1e9:7.2f} {100 * s['peak_fraction']:5.1f}  {losses}")
+        if "pairs_per_s_with_reference_pass" in s:
+            print(f"{'':22} reference pass before training: {s['reference_s']:.1f} s for {s['n_pairs']} pairs "
+                  f"-> {s['pairs_per_s_with_reference_pass']:.3f} pairs/s (wall) if paid once per epoch")
+    rows = []
+    print(f"{'prefalign / TRL':42} {'speed(cpu)':>10} {'speed(wall)':>11} {'target':>6} {'memory':>6} "
+          f"{'target':>6} {'max|loss diff|':>14}")
+    for ours, theirs, target, same_loss in COMPARISONS:
+        a, b = results.get(ours), results.get(theirs)
+        if not a or not b or "error" in a or "error" in b:
+            continue
+        speed = a["pairs_per_cpu_s"] / b["pairs_per_cpu_s"]
+        wall = a["pairs_per_s"] / b["pairs_per_s"]
+        memory = a["peak_rss_mb"] / b["peak_rss_mb"]
+        diff = max(abs(x - y) for x, y in zip(a["losses"], b["losses"])) if same_loss else None
+        ok = (target is None or speed >= target) and memory <= MEMORY_TARGET
+        print(f"{ours + ' / ' + theirs:42} {speed:9.2f}x {wall:10.2f}x {'' if target is None else f'{target:.1f}x':>6} "
+              f"{memory:5.2f}x {MEMORY_TARGET:5.2f}x {'' if diff is None else f'{diff:.1e}':>14}  "
+              f"{'meets' if ok else 'MISSES'}")
+        rows.append({"case": case, "ours": ours, "theirs": theirs, "speed_cpu": speed, "speed_wall": wall,
+                     "memory": memory, "speed_target": target, "loss_diff": diff, "meets": ok})
+    return rows
+
+
+# Which trainers each case runs by default. SmolLM2 steps are expensive on a 2-core machine, so its plan leaves
+# out what the tiny model already measures (TRL's precomputed-reference DPO, AMaPO without prefix sharing).
+PLAN = {
+    "smollm2:fp32": ["trl-dpo", "prefalign-dpo", "prefalign-dpo+ps", "trl-cpo-simpo", "prefalign-simpo",
+                     "prefalign-simpo+ps", "prefalign-amapo+ps", "prefalign-amapo+spo"],
+    "smollm2:bf16": ["trl-dpo", "prefalign-dpo+ps", "trl-cpo-simpo", "prefalign-simpo+ps", "prefalign-amapo+ps"],
+    "tiny:fp32": list(TRAINERS),
+    "tiny:bf16": ["trl-dpo", "prefalign-dpo+ps", "trl-cpo-simpo", "prefalign-simpo+ps"],
+}
+DEFAULT_CASES = "smollm2:fp32,tiny:fp32,tiny:bf16"
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--child", help=argparse.SUPPRESS)
+    ap.add_argument("--quick", action="store_true", help="tiny model, fp32, 3 trainers, few steps: a smoke test")
+    ap.add_argument("--cases", default=DEFAULT_CASES, help=f"comma-separated, from: {', '.join(PLAN)}")
+    ap.add_argument("--trainers", help="comma-separated, for every case (default: each case's plan), from: "
+                    + ", ".join(TRAINERS))
+    ap.add_argument("--batch", type=int, default=2, help="pairs per step")
+    ap.add_argument("--max-length", type=int, default=256)
+    ap.add_argument("--max-prompt-length", type=int, default=128)
+    ap.add_argument("--warmup", type=int, default=1)
+    ap.add_argument("--steps", type=int, default=3, help="timed steps per trainer, SmolLM2")
+    ap.add_argument("--tiny-steps", type=int, default=8, help="timed steps per trainer, tiny model")
+    ap.add_argument("--lr", type=float, default=1e-5)
+    ap.add_argument("--threads", type=int, default=1, help="OMP_NUM_THREADS and torch threads, for every trainer")
+    ap.add_argument("--timeout", type=float, default=900, help="seconds per trainer process")
+    ap.add_argument("--json", help="write every raw and summarised number here")
+    args = ap.parse_args(argv)
+    if args.child:
+        child(json.loads(args.child))
+        return
+    if not HH.exists() or not STORIES.exists():
+        raise SystemExit(f"{SHARED} (HH-RLHF data and stories260K) is needed; see shared/README.md")
+    try:
+        import trl
+    except ImportError:
+        raise SystemExit("TRL is the peer measured against: pip install trl") from None
+    cases = [c.strip() for c in ("tiny:fp32" if args.quick else args.cases).split(",") if c.strip()]
+    if set(cases) - set(PLAN):
+        raise SystemExit(f"unknown cases {sorted(set(cases) - set(PLAN))}; choose from {', '.join(PLAN)}")
+    if args.quick:
+        args.trainers, args.tiny_steps = args.trainers or "trl-cpo-simpo,prefalign-simpo,prefalign-simpo+ps", 3
+    chosen = [t.strip() for t in args.trainers.split(",")] if args.trainers else None
+    if chosen and set(chosen) - set(TRAINERS):
+        raise SystemExit(f"unknown trainers {sorted(set(chosen) - set(TRAINERS))}; choose from {', '.join(TRAINERS)}")
+
+    import platform
+
+    import torch
+    import transformers
+
+    t_start = time.time()
+    cpu = next((ln.split(":", 1)[1].strip() for ln in Path("/proc/cpuinfo").read_text().splitlines()
+                if ln.startswith("model name")), platform.processor())
+    print(f"machine: {cpu}, {os.cpu_count()} logical CPUs; load average {os.getloadavg()}")
+    print(f"torch {torch.__version__}, transformers {transformers.__version__}, trl {trl.__version__}; "
+          f"{args.threads} thread(s) per trainer")
+    peak = matmul_peak(args.threads)
+    print("peak per CPU-second: matmul fp32 {:.1f}, matmul bf16 {:.1f}, linear under bf16 autocast {:.1f} GFLOP/s"
+          .format(peak["matmul_fp32"] / 1e9, peak["matmul_bf16"] / 1e9, peak["linear_bf16_autocast"] / 1e9))
+
+    everything = {"machine": cpu, "peak": peak, "args": vars(args), "cases": {}, "comparisons": [], "padding": {}}
+    with tempfile.TemporaryDirectory(prefix="prefalign-bench-") as tmp:
+        data_files = {}
+        for case in cases:
+            model_key = case.split(":")[0]
+            if model_key in data_files:
+                continue
+            steps = args.steps if model_key == "smollm2" else args.tiny_steps
+            path = Path(tmp) / f"pairs-{model_key}.jsonl"
+            info = prepare_pairs(MODELS[model_key], (args.warmup + steps) * args.batch, args.max_length,
+                                 args.max_prompt_length, path)
+            data_files[model_key] = str(path)
+            study = everything["padding"][model_key] = padding_study(info["lengths"], args.batch)
+            print(f"\npadding over one epoch of {len(info['lengths'])} HH-RLHF pairs ({model_key} tokenizer, "
+                  f"batch {args.batch}): tokens the model runs on per pair")
+            for k, v in study.items():
+                print(f"  {k:18} {v['tokens_per_pair']:7.1f}  (real {v['real_tokens_per_pair']:6.1f}, "
+                      f"padding {100 * v['padding_fraction']:4.1f}%)")
+        for case in cases:
+            model_key, precision = case.split(":")
+            spec = {
+                "model": MODELS[model_key], "precision": precision, "batch": args.batch,
+                "max_length": args.max_length, "max_prompt_length": args.max_prompt_length,
+                "warmup": args.warmup, "steps": args.steps if model_key == "smollm2" else args.tiny_steps,
+                "lr": args.lr, "threads": args.threads, "data": data_files[model_key],
+            }
+            results = {}
+            for name in chosen or PLAN[case]:
+                workdir = Path(tmp) / f"{case.replace(':', '-')}-{name}"
+                workdir.mkdir()
+                t = time.time()
+                raw = run_child({**spec, "trainer": name, "workdir": str(workdir)}, args.timeout)
+                results[name] = summarize(raw, spec, peak)
+                status = "FAILED" if "error" in raw else f"{results[name]['pairs_per_cpu_s']:.3f} pairs/cpu-s"
+                print(f"  [{case}] {name}: {status} ({time.time() - t:.0f} s, load {os.getloadavg()[0]:.1f})",
+                      flush=True)
+            everything["cases"][case] = {"spec": spec, "results": results}
+            everything["comparisons"] += report(case, spec, results)
+    print(f"\nwall time {time.time() - t_start:.0f} s; load average at the end {os.getloadavg()}")
+    if args.json:
+        Path(args.json).write_text(json.dumps(everything, indent=1))
+
+
+if __name__ == "__main__":
+    main()
