@@ -31,7 +31,7 @@ for method in "${methods[@]}"; do
     --loss_type "$loss" "${extra[@]}" --learning_rate "$LR" --lr_scheduler_type cosine --warmup_steps 0.1 \
     --max_steps "$STEPS" --per_device_train_batch_size "$BATCH" --gradient_accumulation_steps "$ACCUM" \
     --per_device_eval_batch_size 8 --max_length "$MAX_LENGTH" --max_prompt_length "$MAX_PROMPT" \
-    --bf16 true --use_cpu true --logging_steps 2 --save_strategy no --eval_strategy no --report_to none \
+    --bf16 "${BF16:-false}" --prefix_sharing true --use_cpu true --logging_steps 2 --save_strategy no --eval_strategy no --report_to none \
     --seed "$SEED" --output_dir "$run" > "$run.log" 2>&1 || { echo "$method failed: see $run.log"; exit 1; }
   echo "$method: $(( $(date +%s) - start )) s wall ($run)"
   runs+=("$run")
