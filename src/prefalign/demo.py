@@ -19,7 +19,7 @@ DEMO_SETTINGS = {
     "beta": 2.0,
     "learning_rate": 3e-5,
     "lr_scheduler_type": "constant",
-    "max_steps": 30,
+    "max_steps": 20,
     "per_device_train_batch_size": 8,
     "per_device_eval_batch_size": 16,
     "max_length": 128,
@@ -32,7 +32,7 @@ DEMO_SETTINGS = {
     "report_to": "none",
     "seed": 0,
 }
-N_TRAIN, N_TEST = 480, 200
+N_TRAIN, N_TEST = 400, 200
 
 
 def add_parser(sub) -> None:

@@ -53,7 +53,9 @@ def resolve_model_path(name_or_path: str | os.PathLike) -> str:
     path = Path(name).expanduser()
     if path.exists():
         if not path.is_dir():
-            raise PrefalignError(f"model path {name} is a file; give its folder (and gguf_file= for a .gguf file)")
+            raise PrefalignError(
+                f"model path {name} is a file; give its folder (and gguf_file= for a .gguf file)"
+            )
         return str(path.resolve())
     if _looks_local(name):
         raise PrefalignError(f"model path {name} does not exist")
@@ -141,7 +143,9 @@ def load_model(
         from peft import PeftModel
 
         if not (Path(path) / "adapter_model.safetensors").is_file():
-            raise PrefalignError(f"adapter folder {path} has no adapter_model.safetensors (only safetensors are loaded)")
+            raise PrefalignError(
+                f"adapter folder {path} has no adapter_model.safetensors (only safetensors are loaded)"
+            )
         base_model = load_model(
             adapter["base_model_name_or_path"],
             trust_remote_code=trust_remote_code,
