@@ -74,6 +74,13 @@ def run(args) -> int:
     from .run import train as run_training
 
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
+    # Keep the screen to the training bar and the result: no per-map / weight-loading progress bars.
+    import datasets
+    import transformers
+
+    datasets.disable_progress_bars()
+    transformers.utils.logging.disable_progress_bar()
+    transformers.utils.logging.set_verbosity_error()
     t0 = time.time()
     out = Path(args.output_dir)
     print(f"prefalign demo: AMaPO on {args.model}, offline. Files: {out.resolve()}")
