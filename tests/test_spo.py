@@ -95,6 +95,22 @@ def test_zero_weight_reproduces_the_base_loss(loss, stories260k, hh_file, tmp_pa
     assert abs(spo_loss.item() - base_loss.item()) < 1e-7
 
 
+def test_prefix_sharing_gives_the_unshared_spo_loss(stories260k, hh_file, tmp_path):
+    """With prefix sharing the degraded completions ride in their pair's packed row: same samples, same loss."""
+    args = ["--loss_type", "amapo", "--max_train_samples", "8", "--use_spo", "--spo_weight", "1.0"]
+    unshared = _trainer(stories260k, hh_file, tmp_path, *args)
+    shared = _trainer(stories260k, hh_file, tmp_path, *args, "--prefix_sharing", "true")
+    rows = [unshared.train_dataset[i] for i in range(8)]
+    a, b = unshared.data_collator(rows), shared.data_collator(rows)
+    assert "spo_input_ids" not in b and int(b["packed_segment_ids"].max()) >= 3
+    assert a["spo_degrees"].tolist() == b["spo_degrees"].tolist() and (a["spo_degrees"] > 0).any()
+    assert a["spo_source"].tolist() == b["spo_source"].tolist()
+    loss_a, _, extra_a = unshared.pair_loss(unshared.model, a)
+    loss_b, _, extra_b = shared.pair_loss(shared.model, b)
+    assert extra_b["spo/loss"].item() == pytest.approx(extra_a["spo/loss"].item(), abs=1e-5)
+    assert loss_b.item() == pytest.approx(loss_a.item(), abs=1e-5)
+
+
 def test_gradients_reach_the_model_and_the_head(stories260k, hh_file, tmp_path):
     t = _trainer(stories260k, hh_file, tmp_path, "--loss_type", "simpo", "--max_train_samples", "8",
                  "--use_spo", "--spo_weight", "1.0")

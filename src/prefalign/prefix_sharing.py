@@ -13,6 +13,10 @@ P+C+R tokens instead of 2B rows of P+max(C,R): the prompt is encoded once per pa
 The log-probs come from the same completion-only, chunked output head as `logps.sequence_logps` (which is
 called on the packed forward's hidden states, rearranged into the 2B unshared rows).
 
+Extra completions of the same prompt (SPO's degraded responses, row key `extra_completion_ids`) are packed
+after the rejected one as further segments 3, 4, …, each seeing only the prompt and itself; they are not
+scored, only their mean final hidden state is returned (after the 2B pair rows) when asked for.
+
 Attention: transformers passes a 4-D mask to the attention function unchanged. For `sdpa` it is a bool mask
 (True = attend); for `eager` an additive float mask (0 or the dtype's minimum), since eager adds the mask to
 the scores. Other implementations (flash, flex) are refused. Every query sees at least itself, so no softmax
@@ -29,7 +33,8 @@ import torch
 from .data.collate import PairCollator
 from .logps import CHUNK_TOKENS, SequenceLogps, output_head, sequence_logps
 
-PROMPT, CHOSEN, REJECTED, PAD = 0, 1, 2, -1  # segment ids
+PROMPT, CHOSEN, REJECTED, PAD = 0, 1, 2, -1  # segment ids; extra completions take 3, 4, ...
+FIRST_EXTRA = 3
 PACKED_KEYS = ("packed_input_ids", "packed_position_ids", "packed_segment_ids")
 ATTENTION_IMPLEMENTATIONS = ("sdpa", "eager")
 
@@ -50,26 +55,34 @@ class PrefixSharedCollator:
 
     def __call__(self, rows: Sequence[dict]) -> dict[str, torch.Tensor]:
         parts = [
-            (list(r["prompt_input_ids"]), list(r["chosen_input_ids"]), list(r["rejected_input_ids"])) for r in rows
+            (
+                list(r["prompt_input_ids"]),
+                [list(r["chosen_input_ids"]), list(r["rejected_input_ids"])]
+                + [list(c) for c in r.get("extra_completion_ids") or []],
+            )
+            for r in rows
         ]
-        width = max(len(p) + len(c) + len(r) for p, c, r in parts)
+        width = max(len(p) + sum(len(c) for c in completions) for p, completions in parts)
         ids = torch.full((len(rows), width), self.pad_token_id, dtype=torch.long)
         pos = torch.zeros((len(rows), width), dtype=torch.long)
         seg = torch.full((len(rows), width), PAD, dtype=torch.long)
-        for i, (p, c, r) in enumerate(parts):
-            n_p, n_c, n_r = len(p), len(c), len(r)
-            ids[i, : n_p + n_c + n_r] = torch.tensor(p + c + r, dtype=torch.long)
-            pos[i, : n_p + n_c] = torch.arange(n_p + n_c)
-            pos[i, n_p + n_c : n_p + n_c + n_r] = torch.arange(n_p, n_p + n_r)
+        for i, (p, completions) in enumerate(parts):
+            n_p = len(p)
+            ids[i, :n_p] = torch.tensor(p, dtype=torch.long)
+            pos[i, :n_p] = torch.arange(n_p)
             seg[i, :n_p] = PROMPT
-            seg[i, n_p : n_p + n_c] = CHOSEN
-            seg[i, n_p + n_c : n_p + n_c + n_r] = REJECTED
+            at = n_p
+            for segment, c in enumerate(completions, start=CHOSEN):
+                ids[i, at : at + len(c)] = torch.tensor(c, dtype=torch.long)
+                pos[i, at : at + len(c)] = torch.arange(n_p, n_p + len(c))  # as if right after the prompt
+                seg[i, at : at + len(c)] = segment
+                at += len(c)
         if self.keep_unshared:
-            batch = self.pairs(rows)
+            batch = self.pairs([{k: v for k, v in r.items() if k != "extra_completion_ids"} for r in rows])
         else:
-            prompts = [len(p) for p, _, _ in parts]
+            prompts = [len(p) for p, _ in parts]
             batch = {
-                "completion_lengths": torch.tensor([len(c) for _, c, _ in parts] + [len(r) for _, _, r in parts]),
+                "completion_lengths": torch.tensor([len(c[0]) for _, c in parts] + [len(c[1]) for _, c in parts]),
                 "prompt_lengths": torch.tensor(prompts + prompts),
                 "row_index": torch.tensor([row["row_index"] for row in rows], dtype=torch.long),
             }
@@ -162,7 +175,8 @@ def prefix_shared_logps(
     from one forward of the B packed rows; as `sequence_logps` on the unshared rows would give them.
 
     `with_hidden_mean` adds each completion's mean final hidden state over its tokens (SPO), except that for
-    a pair without prompt tokens it leaves out the first completion token (which then has no log-prob)."""
+    a pair without prompt tokens it leaves out the first completion token (which then has no log-prob); the
+    means of the extra completions follow the 2B pair rows, ordered by pair, then by segment."""
     impl = attention_implementation(model)
     mask = prefix_sharing_mask(packed_segment_ids, impl, model.get_input_embeddings().weight.dtype)
     out = model(
@@ -177,4 +191,17 @@ def prefix_shared_logps(
     rows, index, labels = _unshared_rows(packed_input_ids, packed_segment_ids)
     view = _HiddenRows(model, hidden[rows[:, None], index])  # [2B, W, H]
     # sequence_logps reads only the shape and device of input_ids when the "model" is a view.
-    return sequence_logps(view, labels, None, labels, with_hidden_mean=with_hidden_mean, chunk_tokens=chunk_tokens)
+    lp = sequence_logps(view, labels, None, labels, with_hidden_mean=with_hidden_mean, chunk_tokens=chunk_tokens)
+    if with_hidden_mean and int(packed_segment_ids.max()) >= FIRST_EXTRA:
+        lp.hidden_mean = torch.cat([lp.hidden_mean, extra_hidden_means(hidden, packed_segment_ids)])
+    return lp
+
+
+def extra_hidden_means(hidden: torch.Tensor, segment_ids: torch.Tensor) -> torch.Tensor:
+    """[E, H] mean final hidden state of every extra completion (segments >= 3), ordered by row, then segment."""
+    n_extra = int(segment_ids.max()) - FIRST_EXTRA + 1
+    one_hot = (segment_ids[:, :, None] == torch.arange(FIRST_EXTRA, FIRST_EXTRA + n_extra, device=hidden.device))
+    counts = one_hot.sum(1)  # [B, S]
+    sums = torch.einsum("bts,bth->bsh", one_hot.float(), hidden.float())
+    present = counts > 0
+    return sums[present] / counts[present][:, None]

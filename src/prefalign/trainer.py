@@ -35,9 +35,17 @@ class TrainingCollator:
 
     def __call__(self, rows: list[dict]) -> dict:
         extra = {k: torch.tensor([r[k] for r in rows], dtype=torch.float32) for k in REF_COLUMNS if k in rows[0]}
-        batch = self.collator([{k: v for k, v in r.items() if k not in REF_COLUMNS and not k.startswith("spo_")} for r in rows])
+        pair_rows = [{k: v for k, v in r.items() if k not in REF_COLUMNS and not k.startswith("spo_")} for r in rows]
+        spo = self.spo is not None and "spo_chosen_ids" in rows[0]
+        if spo and isinstance(self.collator, PrefixSharedCollator):
+            # The degraded completions share their pair's packed row (and prompt encoding).
+            completions, source, degree = self.spo.draw(rows)
+            pair_rows = [{**r, "extra_completion_ids": c} for r, c in zip(pair_rows, completions)]
+            extra.update(spo_source=source, spo_degrees=degree)
+            spo = False
+        batch = self.collator(pair_rows)
         batch.update(extra)
-        if self.spo is not None and "spo_chosen_ids" in rows[0]:
+        if spo:
             batch = self.spo.add(batch, rows)
         return batch
 
@@ -160,14 +168,14 @@ class PreferenceTrainer(CrashSafeCheckpointing, Trainer):
     def pair_loss(self, model, batch: dict):
         b = batch["row_index"].shape[0]
         spo = self.spo_head is not None and batch.get("spo_degrees") is not None and len(batch["spo_degrees"]) > 0
-        if spo:
+        if "packed_input_ids" in batch:
+            lp = prefix_shared_logps(model, *packed_inputs(batch), with_hidden_mean=spo)
+        elif spo:
             # One forward for the pairs and the degraded rows; only the pair rows go through the output head.
             ids = _pad_cat(batch["input_ids"], batch["spo_input_ids"], 0)
             mask = _pad_cat(batch["attention_mask"], batch["spo_attention_mask"], 0)
             labels = _pad_cat(batch["labels"], batch["spo_labels"], -100)
             lp = sequence_logps(model, ids, mask, labels, with_hidden_mean=True, n_scored=2 * b)
-        elif "packed_input_ids" in batch:
-            lp = prefix_shared_logps(model, *packed_inputs(batch))
         else:
             lp = sequence_logps(model, batch["input_ids"], batch["attention_mask"], batch["labels"])
         used = lp.mean if self.spec.length_normalized else lp.sum

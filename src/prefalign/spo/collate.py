@@ -1,6 +1,7 @@
 """Adds SPO samples to a batch of pairs: for each response with degraded versions, `spo_samples` degrees
 drawn at random. Degree 0 is the response itself, so its sample reuses the pair's own row (no extra compute);
-other degrees become extra rows prompt + degraded completion."""
+other degrees become extra rows prompt + degraded completion, or, with prefix sharing, extra completions
+packed after the pair's rejected one (see `prefix_sharing`)."""
 
 from __future__ import annotations
 
@@ -26,9 +27,13 @@ class SPOCollator:
         self._visits[row_index] += 1
         return random.Random(f"{self.seed}:{row_index}:{visit}")
 
-    def add(self, batch: dict, rows: list[dict]) -> dict:
+    def draw(self, rows: list[dict]) -> tuple[list[list[list[int]]], torch.Tensor, torch.Tensor]:
+        """Draw this batch's SPO samples. Returns each row's degraded completions to run (degree > 0), and for
+        every sample its source row — chosen i, rejected B+i, or 2B+j for the j-th degraded completion in row
+        order — and its degree."""
         b = len(rows)
-        new_rows: list[tuple[list[int], list[int]]] = []
+        extras: list[list[list[int]]] = [[] for _ in rows]
+        n_extra = 0
         source, degree = [], []
         for i, row in enumerate(rows):
             rng = self._rng(int(row["row_index"]))
@@ -42,15 +47,22 @@ class SPOCollator:
                     if d == 0:
                         source.append(side_offset + i)
                     else:
-                        source.append(2 * b + len(new_rows))
-                        new_rows.append((list(row["prompt_input_ids"]), list(versions[d - 1])))
+                        source.append(2 * b + n_extra)
+                        extras[i].append(list(versions[d - 1]))
+                        n_extra += 1
+        return extras, torch.tensor(source, dtype=torch.long), torch.tensor(degree, dtype=torch.long)
+
+    def add(self, batch: dict, rows: list[dict]) -> dict:
+        """Unshared layout: the degraded completions as extra rows prompt + completion (`spo_input_ids`, …)."""
+        extras, source, degree = self.draw(rows)
+        new_rows = [(list(row["prompt_input_ids"]), c) for row, cs in zip(rows, extras) for c in cs]
         padded = pad_sequences(new_rows, self.pad_token_id)
         batch.update(
             spo_input_ids=padded["input_ids"],
             spo_attention_mask=padded["attention_mask"],
             spo_labels=padded["labels"],
-            spo_source=torch.tensor(source, dtype=torch.long),
-            spo_degrees=torch.tensor(degree, dtype=torch.long),
+            spo_source=source,
+            spo_degrees=degree,
         )
         return batch
 
