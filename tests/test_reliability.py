@@ -156,6 +156,8 @@ def test_sigkill_mid_run_then_resume_reaches_the_uninterrupted_result(hh8, tmp_p
     assert not all(torch.equal(before[k], got[k]) for k in got)  # training moved the weights
     ref_rows, run_rows = loss_rows(ref), loss_rows(run)
     assert [r["step"] for r in run_rows[-4:]] == [3, 4, 5, 6]  # continued after step 2, not restarted
+    # Rows the killed run logged after checkpoint-2 were replaced, not duplicated.
+    assert [r["step"] for r in run_rows] == [r["step"] for r in ref_rows]
     drop = ("time_s",)
     assert {k: v for k, v in run_rows[-1].items() if k not in drop} == {k: v for k, v in ref_rows[-1].items() if k not in drop}
     assert [r["loss"] for r in run_rows[-4:]] == [r["loss"] for r in ref_rows[-4:]]
@@ -373,3 +375,16 @@ def test_remote_code_is_off_and_weights_load_from_safetensors(monkeypatch):
     load_policy(cfg)
     assert seen["model"]["trust_remote_code"] is False and seen["model"]["use_safetensors"] is True
     assert seen["tokenizer"]["trust_remote_code"] is False
+
+
+def test_resume_drops_the_metrics_rows_logged_after_the_checkpoint(tmp_path):
+    from types import SimpleNamespace
+
+    from prefalign.metrics_log import MetricsFileCallback
+
+    path = tmp_path / "metrics.jsonl"
+    rows = [{"step": 0, "eval_ranking_accuracy": 0.5}, *({"step": s, "loss": 1.0 / s} for s in (1, 2, 3, 4))]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    state = SimpleNamespace(global_step=2, is_world_process_zero=True)
+    MetricsFileCallback().on_train_begin(SimpleNamespace(output_dir=str(tmp_path)), state, None)
+    assert read_metrics(path) == rows[:3]

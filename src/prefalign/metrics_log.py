@@ -26,6 +26,15 @@ class MetricsFileCallback(TrainerCallback):
 
     def on_train_begin(self, args, state, control, **kwargs):
         self._t0 = time.time()
+        path = os.path.join(args.output_dir, METRICS_FILE)
+        if state.is_world_process_zero and os.path.exists(path):
+            # A resumed run re-logs the steps after its checkpoint: drop the rows the crashed run wrote for them.
+            rows = read_metrics(path)
+            kept = [r for r in rows if r.get("step", 0) <= state.global_step]
+            if len(kept) < len(rows):
+                with open(path + ".tmp", "w", encoding="utf-8") as f:
+                    f.writelines(json.dumps(r) + "\n" for r in kept)
+                os.replace(path + ".tmp", path)
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         if not state.is_world_process_zero or not logs:
