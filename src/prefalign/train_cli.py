@@ -33,5 +33,8 @@ def run(args) -> int:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     cfg = load_config(recipe, overrides)
     summary = train(cfg)
-    print(json.dumps({k: v for k, v in summary.items() if k != "data"}, indent=2, default=str))
+    from accelerate import PartialState
+
+    if PartialState().is_main_process:  # under `accelerate launch`, one summary, not one per process
+        print(json.dumps({k: v for k, v in summary.items() if k != "data"}, indent=2, default=str))
     return 0
