@@ -177,3 +177,28 @@ def test_prefix_sharing_gives_the_same_losses(stories260k, hh_small, tmp_path):
         return trainer.pair_loss(trainer.model, batch)[1].losses.detach()
 
     torch.testing.assert_close(loss_of("--prefix_sharing", "true"), loss_of(), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("prefix_sharing", ["true", "false"])
+def test_group_by_length_batches_pairs_of_similar_length(prefix_sharing, stories260k, hh_small, tmp_path):
+    from transformers.trainer_pt_utils import LengthGroupedSampler
+
+    from prefalign.run import build_trainer, load_policy, prepare_data
+
+    cfg = _cfg(stories260k, hh_small, tmp_path / "run", "--loss_type", "simpo", "--max_steps", "2",
+               "--train_sampling_strategy", "group_by_length", "--prefix_sharing", prefix_sharing,
+               "--eval_dataset", str(hh_small), "--max_eval_samples", "8")
+    model, tok = load_policy(cfg)
+    trainer = build_trainer(cfg, model, tok, prepare_data(cfg, tok))
+    ds = trainer.train_dataset
+    row = ds[3]
+    parts = [len(row[f"{k}_input_ids"]) for k in ("prompt", "chosen", "rejected")]
+    expected = sum(parts) if prefix_sharing == "true" else parts[0] + max(parts[1:])
+    assert row["length"] == expected
+    assert isinstance(trainer._get_train_sampler(), LengthGroupedSampler)
+    # The sampler puts the longest pair first; the pairs of a batch are the neighbours of a length-sorted list.
+    first = next(iter(trainer.get_train_dataloader()))["row_index"].tolist()
+    assert max(ds["length"]) in [ds[i]["length"] for i in range(len(ds)) if ds[i]["row_index"] in first]
+    trainer.train()
+    indices = [r["index"] for r in trainer.score()]
+    assert indices == sorted(indices) and len(indices) == 8  # evaluation records come back in dataset order

@@ -60,7 +60,7 @@ def score_pairs(
     if not cols:
         return []
     table = {k: torch.cat(v).tolist() for k, v in cols.items()}
-    records = []
+    records = []  # in dataset order, whatever order the sampler (length grouping) or the gather gave them
     for i in range(len(table["index"])):
         r = {k: table[k][i] for k in table}
         r["delta"] = r["chosen_logp_mean"] - r["rejected_logp_mean"]
@@ -70,7 +70,7 @@ def score_pairs(
             r["reward_margin"] = h
             r["reward_correct"] = h > 0
         records.append(r)
-    return records
+    return sorted(records, key=lambda r: r["index"])
 
 
 def summarize(records: list[dict]) -> dict:

@@ -70,6 +70,8 @@ def prepare_data(cfg: PrefAlignConfig, tokenizer) -> PreparedData:
             report[name]["spo"] = spo_counts
             log.info("%s data: SPO samples from %d responses; %d responses without key phrases to grade",
                      name, spo_counts["spo_responses"], spo_counts["spo_no_sample"])
+        if cfg.train_sampling_strategy == "group_by_length":
+            tok = add_length_column(tok, cfg.length_column_name, packed=cfg.prefix_sharing)
         skips = ", ".join(f"{k}: {v}" for k, v in skipped.items()) or "none"
         if tok_skipped:  # the loader already reported its own counts
             log.info("%s data: %d pairs after tokenization, skipped: %s", name, len(tok), skips)
@@ -84,6 +86,20 @@ def prepare_data(cfg: PrefAlignConfig, tokenizer) -> PreparedData:
     if cfg.eval_dataset:
         evals = one(cfg.eval_dataset, cfg.eval_split, cfg.max_eval_samples, "eval")
     return PreparedData(train, evals, report)
+
+
+def add_length_column(tok, column: str, *, packed: bool):
+    """The tokens a pair puts in a batch, for transformers' `train_sampling_strategy="group_by_length"`:
+    prompt + chosen + rejected in the packed (prefix-sharing) layout, prompt + the longer completion in the
+    unshared one (both completions' rows are padded to it)."""
+
+    def lengths(batch):
+        p, c, r = (batch[f"{k}_input_ids"] for k in ("prompt", "chosen", "rejected"))
+        if packed:
+            return {column: [len(a) + len(b) + len(d) for a, b, d in zip(p, c, r)]}
+        return {column: [len(a) + max(len(b), len(d)) for a, b, d in zip(p, c, r)]}
+
+    return tok.map(lengths, batched=True, desc="Measuring pair lengths")
 
 
 def _model_kwargs(cfg: PrefAlignConfig) -> dict:
