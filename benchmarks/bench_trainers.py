@@ -44,6 +44,7 @@ TRAINERS = {
     "prefalign-amapo": ("prefalign", "amapo", False, False),
     "prefalign-amapo+ps": ("prefalign", "amapo", False, True),
     "prefalign-amapo+spo": ("prefalign", "amapo", True, False),
+    "prefalign-amapo+spo+ps": ("prefalign", "amapo", True, True),
 }
 # (prefalign trainer, TRL trainer it is compared with, speed target, whether the losses must agree)
 COMPARISONS = [
@@ -55,7 +56,11 @@ COMPARISONS = [
     ("prefalign-amapo", "trl-cpo-simpo", 1.5, False),
     ("prefalign-amapo+ps", "trl-cpo-simpo", 1.5, False),
     ("prefalign-amapo+spo", "trl-cpo-simpo", 1.5, False),
+    ("prefalign-amapo+spo+ps", "trl-cpo-simpo", 1.5, False),
 ]
+# SPO's step-time overhead over its base loss in the same layout (issue 5's target: at most 1.6x)
+SPO_OVERHEAD = [("prefalign-amapo+spo", "prefalign-amapo"), ("prefalign-amapo+spo+ps", "prefalign-amapo+ps")]
+SPO_OVERHEAD_TARGET = 1.6
 MEMORY_TARGET = 0.75
 BETAS = {"dpo": 0.1, "simpo": 2.0}  # prefalign's defaults, given to TRL explicitly
 SIMPO_GAMMA = 0.5
@@ -135,43 +140,15 @@ def _prefalign_tokens(batch):
     return real, padded
 
 
-def use_prefix_sharing(trainer) -> None:
-    """Benchmark-only stand-in for a `prefix_sharing` config flag (see docs/performance.md): the trainer's
-    collator also packs each pair into one prompt+chosen+rejected row, and pair_loss takes the policy's
-    log-probs of the pairs from the packed forward. SPO batches keep the unshared path."""
-    from prefalign import trainer as trainer_module
-    from prefalign.logps import sequence_logps
-    from prefalign.prefix_sharing import PrefixSharedCollator, packed_inputs, prefix_shared_logps
-
-    wrapper = trainer.data_collator  # prefalign.trainer.TrainingCollator
-    wrapper.collator = PrefixSharedCollator(wrapper.collator.pad_token_id)
-    unshared_pair_loss = trainer.pair_loss
-
-    def pair_loss(model, batch):
-        def logps(m, input_ids, attention_mask, labels, **kwargs):
-            if input_ids is batch["input_ids"] and not kwargs:
-                return prefix_shared_logps(m, *packed_inputs(batch))
-            return sequence_logps(m, input_ids, attention_mask, labels, **kwargs)
-
-        trainer_module.sequence_logps = logps
-        try:
-            return unshared_pair_loss(model, batch)
-        finally:
-            trainer_module.sequence_logps = sequence_logps
-
-    trainer.pair_loss = pair_loss
-
-
 def _child_prefalign(spec: dict, rec: _Recorder):
     import torch
 
     from prefalign import reference_cache
-    from prefalign.config import config_fields, load_config
+    from prefalign.config import load_config
     from prefalign.models import load_model, load_tokenizer
     from prefalign.run import build_trainer, prepare_data
 
     _, loss, spo, ps = TRAINERS[spec["trainer"]]
-    has_flag = "prefix_sharing" in config_fields()
     overrides = {
         "model_name_or_path": spec["model"], "dataset": spec["data"], "output_dir": spec["workdir"],
         "loss_type": loss, "use_spo": spo, "use_cpu": True, "report_to": "none", "save_strategy": "no",
@@ -182,7 +159,7 @@ def _child_prefalign(spec: dict, rec: _Recorder):
         "bf16": spec["precision"] == "bf16", "train_sampling_strategy": "sequential",
         "ref_cache_dir": str(Path(spec["workdir"]) / "ref-cache"),
     }
-    if ps and has_flag:
+    if ps:
         overrides["prefix_sharing"] = True
     cfg = load_config(None, overrides)
     tok = load_tokenizer(spec["model"])
@@ -201,8 +178,6 @@ def _child_prefalign(spec: dict, rec: _Recorder):
 
     reference_cache.compute_reference_logps = timed
     trainer = build_trainer(cfg, model, tok, data)
-    if ps and not has_flag:
-        use_prefix_sharing(trainer)
     return trainer, model, len(data.train), timing["reference_s"], _prefalign_tokens
 
 
@@ -456,6 +431,13 @@ def report(case: str, spec: dict, results: dict[str, dict]) -> list[dict]:
               f"{'meets' if ok else 'MISSES'}")
         rows.append({"case": case, "ours": ours, "theirs": theirs, "speed_cpu": speed, "speed_wall": wall,
                      "memory": memory, "speed_target": target, "loss_diff": diff, "meets": ok})
+    for spo, base in SPO_OVERHEAD:
+        a, b = results.get(spo), results.get(base)
+        if a and b and "error" not in a and "error" not in b:
+            overhead = b["pairs_per_cpu_s"] / a["pairs_per_cpu_s"]
+            print(f"SPO overhead {spo} / {base}: {overhead:.2f}x cpu time per step "
+                  f"(target <= {SPO_OVERHEAD_TARGET}x: {'meets' if overhead <= SPO_OVERHEAD_TARGET else 'MISSES'}), "
+                  f"memory {a['peak_rss_mb'] / b['peak_rss_mb']:.2f}x")
     return rows
 
 
@@ -463,7 +445,7 @@ def report(case: str, spec: dict, results: dict[str, dict]) -> list[dict]:
 # out what the tiny model already measures (TRL's precomputed-reference DPO, AMaPO without prefix sharing).
 PLAN = {
     "smollm2:fp32": ["trl-dpo", "prefalign-dpo", "prefalign-dpo+ps", "trl-cpo-simpo", "prefalign-simpo",
-                     "prefalign-simpo+ps", "prefalign-amapo+ps", "prefalign-amapo+spo"],
+                     "prefalign-simpo+ps", "prefalign-amapo+ps", "prefalign-amapo+spo", "prefalign-amapo+spo+ps"],
     "smollm2:bf16": ["trl-dpo", "prefalign-dpo+ps", "trl-cpo-simpo", "prefalign-simpo+ps", "prefalign-amapo+ps"],
     "tiny:fp32": list(TRAINERS),
     "tiny:bf16": ["trl-dpo", "prefalign-dpo+ps", "trl-cpo-simpo", "prefalign-simpo+ps"],
