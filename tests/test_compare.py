@@ -249,13 +249,16 @@ def test_labels_and_spo_label(tmp_path):
     """Labels and the table row, without drawing plots."""
     a = make_run(tmp_path, "a", "amapo", beta=2.0, shift=0.1, last_share=0.3, amapo=True)
     cfg = json.loads((a / "prefalign_config.json").read_text())
-    (a / "prefalign_config.json").write_text(json.dumps({**cfg, "spo_weight": 0.5}))
+    (a / "prefalign_config.json").write_text(json.dumps({**cfg, "use_spo": True, "spo_weight": 0.5}))
     b = make_run(tmp_path, "b", "simpo", beta=None, shift=0.1, last_share=0.3)
+    cfg = json.loads((b / "prefalign_config.json").read_text())
+    (b / "prefalign_config.json").write_text(json.dumps({**cfg, "use_spo": False, "spo_weight": 0.1}))  # SPO off
     runs = [load_run(a), load_run(b)]
     assign_labels(runs)
     assert [r.label for r in runs] == ["amapo+spo", "simpo"]
     rows = {r.label: dict(zip(TABLE_HEADER, table_row(r))) for r in runs}
     assert "spo_weight=0.5" in rows["amapo+spo"]["Other settings"] and "γ=0.5" in rows["simpo"]["Other settings"]
+    assert "spo_weight" not in rows["simpo"]["Other settings"]
     assert rows["amapo+spo"]["β"] == "2" and rows["simpo"]["β"] == "2 (default)"
     assign_labels(runs, ["mine", "theirs"])
     assert [r.label for r in runs] == ["mine", "theirs"]

@@ -5,7 +5,7 @@ from __future__ import annotations
 from itertools import combinations
 
 from .report import DASH, duration, interval, num, signed
-from .runs import Run
+from .runs import Run, uses_spo
 from .stats import finite, intervals_overlap, mean, quantile, wilson_interval
 
 
@@ -40,10 +40,11 @@ def other_settings(run: Run) -> str:
         parts.append(f"label_smoothing={_g(eps)}")
     if "amapo_variant" in defaults:
         parts.append(f"variant={cfg.get('amapo_variant') or defaults['amapo_variant']}")
-    for key in ("sft_weight", "spo_weight"):
-        v = finite(cfg.get(key))
-        if v:
-            parts.append(f"{key}={_g(v)}")
+    sft = finite(cfg.get("sft_weight"))
+    if sft:
+        parts.append(f"sft_weight={_g(sft)}")
+    if uses_spo(run):
+        parts.append(f"spo_weight={_g(cfg['spo_weight'])}")
     if cfg.get("seed") is not None:
         parts.append(f"seed={cfg['seed']}")
     return ", ".join(parts) or DASH

@@ -215,10 +215,15 @@ def load_run(path: str | Path) -> Run:
     return run
 
 
+def uses_spo(run: Run) -> bool:
+    """SPO was on: `use_spo` and a positive `spo_weight` (the weight has a default even when SPO is off)."""
+    weight = finite(run.config.get("spo_weight"))
+    return run.config.get("use_spo") is True and weight is not None and weight > 0
+
+
 def default_label(run: Run) -> str:
     loss = run.loss_type or run.path.resolve().name
-    spo = finite(run.config.get("spo_weight"))
-    return f"{loss}+spo" if spo is not None and spo > 0 else loss
+    return f"{loss}+spo" if uses_spo(run) else loss
 
 
 def assign_labels(runs: list[Run], labels: list[str] | None = None) -> None:
