@@ -10,6 +10,7 @@ import torch
 from conftest import shared_path
 
 from prefalign.config import load_config
+from prefalign.logps import sequence_logps
 from prefalign.spo import graded_versions, key_phrases
 
 
@@ -109,6 +110,28 @@ def test_prefix_sharing_gives_the_unshared_spo_loss(stories260k, hh_file, tmp_pa
     loss_b, _, extra_b = shared.pair_loss(shared.model, b)
     assert extra_b["spo/loss"].item() == pytest.approx(extra_a["spo/loss"].item(), abs=1e-5)
     assert loss_b.item() == pytest.approx(loss_a.item(), abs=1e-5)
+
+
+def test_prefix_shared_degree_confusion_equals_unshared(stories260k, hh_file, tmp_path):
+    """Every version of a pair's responses in one packed row: the same head inputs as one row per version."""
+    from prefalign.prefix_sharing import PrefixSharedCollator, packed_inputs, prefix_shared_logps
+    from prefalign.spo import all_degree_packed, all_degree_rows
+
+    t = _trainer(stories260k, hh_file, tmp_path, "--loss_type", "simpo", "--max_train_samples", "8", "--use_spo")
+    rows = [t.train_dataset[i] for i in range(8)]
+    unshared = all_degree_rows(rows, 4, t.data_collator.collator.pad_token_id)
+    packed = all_degree_packed(rows, 4, PrefixSharedCollator(t.data_collator.collator.pad_token_id, keep_unshared=False))
+    assert packed["degrees"].tolist() == unshared["degrees"].tolist() and len(packed["degrees"]) > 8
+    model = t.model.eval()
+    with torch.no_grad():
+        want = sequence_logps(model, unshared["input_ids"], unshared["attention_mask"], unshared["labels"],
+                              with_hidden_mean=True, n_scored=0).hidden_mean
+        got = prefix_shared_logps(model, *packed_inputs(packed), with_hidden_mean=True).hidden_mean[packed["sources"]]
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    confusion = t.spo_confusion(t.train_dataset.select(range(8)))
+    t.args.prefix_sharing = True
+    assert t.spo_confusion(t.train_dataset.select(range(8))).tolist() == confusion.tolist()
+    assert int(confusion.sum()) == len(packed["degrees"])
 
 
 def test_gradients_reach_the_model_and_the_head(stories260k, hh_file, tmp_path):

@@ -20,7 +20,7 @@ from .logps import sequence_logps
 from .losses import compute_loss
 from .metrics_log import MetricsFileCallback
 from .prefix_sharing import PrefixSharedCollator, attention_implementation, packed_inputs, prefix_shared_logps
-from .spo import SPOCollator, SPOHead, all_degree_rows, spo_loss
+from .spo import SPOCollator, SPOHead, all_degree_packed, all_degree_rows, spo_loss
 
 REF_COLUMNS = ("ref_chosen_logps_sum", "ref_rejected_logps_sum", "ref_chosen_logps_mean", "ref_rejected_logps_mean")
 
@@ -299,12 +299,19 @@ class PreferenceTrainer(CrashSafeCheckpointing, Trainer):
 
     @torch.no_grad()
     def spo_confusion(self, dataset) -> torch.Tensor:
-        """[K, K] counts of (true degree, predicted degree) over every degree of every gradable response."""
+        """[K, K] counts of (true degree, predicted degree) over every degree of every gradable response.
+
+        With prefix sharing all versions of a pair's responses ride in one packed row (the prompt is encoded
+        once instead of 2K times)."""
         k = self.args.spo_degrees
         pad = self.data_collator.collator.pad_token_id
-        loader = torch.utils.data.DataLoader(
-            dataset, batch_size=self.args.per_device_eval_batch_size, collate_fn=lambda rows: all_degree_rows(rows, k, pad)
-        )
+        packed = self.args.prefix_sharing
+        if packed:
+            collator = PrefixSharedCollator(pad, keep_unshared=False)
+            collate = lambda rows: all_degree_packed(rows, k, collator)  # noqa: E731
+        else:
+            collate = lambda rows: all_degree_rows(rows, k, pad)  # noqa: E731
+        loader = torch.utils.data.DataLoader(dataset, batch_size=self.args.per_device_eval_batch_size, collate_fn=collate)
         model = self.accelerator.unwrap_model(self.model)
         was_training = model.training
         model.eval()
@@ -314,9 +321,13 @@ class PreferenceTrainer(CrashSafeCheckpointing, Trainer):
                 continue
             batch = {n: t.to(self.args.device) for n, t in batch.items()}
             with self.autocast_smart_context_manager():
-                lp = sequence_logps(model, batch["input_ids"], batch["attention_mask"], batch["labels"],
-                                    with_hidden_mean=True, n_scored=0)
-            predicted = self.spo_head(lp.hidden_mean).argmax(-1)
+                if packed:
+                    lp = prefix_shared_logps(model, *packed_inputs(batch), with_hidden_mean=True)
+                    hidden = lp.hidden_mean[batch["sources"]]
+                else:
+                    hidden = sequence_logps(model, batch["input_ids"], batch["attention_mask"], batch["labels"],
+                                            with_hidden_mean=True, n_scored=0).hidden_mean
+            predicted = self.spo_head(hidden).argmax(-1)
             for t, p in zip(batch["degrees"].tolist(), predicted.tolist()):
                 confusion[t, p] += 1
         model.train(was_training)

@@ -79,3 +79,33 @@ def all_degree_rows(rows: list[dict], degrees: int, pad_token_id: int) -> dict:
                 seqs.append((list(row["prompt_input_ids"]), list(completion)))
                 degree.append(d)
     return {**pad_sequences(seqs, pad_token_id), "degrees": torch.tensor(degree, dtype=torch.long)}
+
+
+def all_degree_packed(rows: list[dict], degrees: int, collator) -> dict:
+    """`all_degree_rows` in the prefix-sharing layout: one packed row per pair holding the prompt, chosen,
+    rejected and every degraded version (`collator` is a `PrefixSharedCollator`). `sources` index the hidden
+    means `prefix_shared_logps(..., with_hidden_mean=True)` returns: chosen i, rejected B+i, extra 2B+j."""
+    b = len(rows)
+    packed_rows, sources, degree = [], [], []
+    n_extra = 0
+    for i, row in enumerate(rows):
+        extras = []
+        for offset, side in ((0, "chosen"), (b, "rejected")):
+            versions = row.get(f"spo_{side}_ids") or []
+            if not versions:
+                continue
+            sources.append(offset + i)
+            degree.append(0)
+            for d, completion in enumerate(versions, start=1):
+                sources.append(2 * b + n_extra)
+                degree.append(d)
+                extras.append(list(completion))
+                n_extra += 1
+        packed_rows.append({
+            "prompt_input_ids": row["prompt_input_ids"], "chosen_input_ids": row["chosen_input_ids"],
+            "rejected_input_ids": row["rejected_input_ids"], "row_index": row["row_index"],
+            "extra_completion_ids": extras,
+        })
+    batch = collator(packed_rows)
+    batch.update(sources=torch.tensor(sources, dtype=torch.long), degrees=torch.tensor(degree, dtype=torch.long))
+    return batch
