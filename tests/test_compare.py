@@ -245,6 +245,28 @@ def test_plot_without_data_is_not_written_and_report_says_why(tmp_path):
     assert "not all evaluated on the same held-out set" in report  # 120 vs 400 pairs
 
 
+def test_accuracy_legend_explains_only_the_lines_drawn(tmp_path, two_runs):
+    """Runs trained with eval_strategy "no" log no held-out accuracy during training: no dashed-line entry."""
+    from prefalign.analysis.plots import plot_accuracy, run_colors
+
+    def legend_texts(runs):
+        fig = plot_accuracy(runs, run_colors(len(runs)))
+        return [t.get_text() for legend in fig.legends for t in legend.get_texts()]
+
+    runs = [load_run(p) for p in two_runs[:2]]
+    assign_labels(runs)
+    assert "held-out ranking accuracy\n(during training)" in legend_texts(runs)
+    for p in two_runs[:2]:
+        rows = (p / "metrics.jsonl").read_text().splitlines()
+        (p / "metrics.jsonl").write_text("\n".join(r for r in rows if "eval_ranking_accuracy" not in r) + "\n")
+    runs = [load_run(p) for p in two_runs[:2]]
+    assign_labels(runs)
+    texts = legend_texts(runs)
+    assert "held-out ranking accuracy\n(during training)" not in texts
+    assert texts == ["amapo", "dpo", "train reward accuracy\n(logging window)",
+                     "held-out, final model\n(95% Wilson interval)", "chance (0.5)"]
+
+
 def test_labels_and_spo_label(tmp_path):
     """Labels and the table row, without drawing plots."""
     a = make_run(tmp_path, "a", "amapo", beta=2.0, shift=0.1, last_share=0.3, amapo=True)

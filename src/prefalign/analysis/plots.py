@@ -78,8 +78,10 @@ def plot_loss(runs: list[Run], colors: list[str]):
 def plot_accuracy(runs: list[Run], colors: list[str]):
     fig, (ax,) = _figure()
     drawn, finals = [], []
+    any_train = any_held = False
     for r, c in zip(runs, colors):
         train, held = r.series("rewards/accuracies"), r.series("eval_ranking_accuracy")
+        any_train, any_held = any_train or bool(train), any_held or bool(held)
         ci = None
         if r.heldout is not None and r.heldout.correct is not None and r.global_step is not None:
             ci = wilson_interval(r.heldout.correct, r.heldout.n)
@@ -108,12 +110,14 @@ def plot_accuracy(runs: list[Run], colors: list[str]):
     ax.set_ylabel("accuracy (share of pairs ranked correctly)")
     ax.set_title("Train reward accuracy and held-out ranking accuracy", fontsize=10.5)
     _run_legend(fig, drawn)
-    _style_legend(fig, [
-        ("train reward accuracy\n(logging window)", {"linestyle": "-"}),
-        ("held-out ranking accuracy\n(during training)", {"linestyle": "--", "marker": "s"}),
-        ("held-out, final model\n(95% Wilson interval)", {"linestyle": "", "marker": "D"}),
-        ("chance (0.5)", {"linestyle": ":", "color": "0.4"}),
-    ])
+    # Explain only the line styles that were drawn (most runs do not evaluate during training).
+    styles = [
+        (any_train, "train reward accuracy\n(logging window)", {"linestyle": "-"}),
+        (any_held, "held-out ranking accuracy\n(during training)", {"linestyle": "--", "marker": "s"}),
+        (bool(finals), "held-out, final model\n(95% Wilson interval)", {"linestyle": "", "marker": "D"}),
+        (True, "chance (0.5)", {"linestyle": ":", "color": "0.4"}),
+    ]
+    _style_legend(fig, [(text, style) for shown, text, style in styles if shown])
     return fig
 
 
