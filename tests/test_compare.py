@@ -249,19 +249,17 @@ def test_accuracy_legend_explains_only_the_lines_drawn(tmp_path, two_runs):
     """Runs trained with eval_strategy "no" log no held-out accuracy during training: no dashed-line entry."""
     from prefalign.analysis.plots import plot_accuracy, run_colors
 
-    def legend_texts(runs):
+    def legend_texts(run_dirs):
+        runs = [load_run(p) for p in run_dirs]
+        assign_labels(runs)
         fig = plot_accuracy(runs, run_colors(len(runs)))
         return [t.get_text() for legend in fig.legends for t in legend.get_texts()]
 
-    runs = [load_run(p) for p in two_runs[:2]]
-    assign_labels(runs)
-    assert "held-out ranking accuracy\n(during training)" in legend_texts(runs)
+    assert "held-out ranking accuracy\n(during training)" in legend_texts(two_runs[:2])
     for p in two_runs[:2]:
         rows = (p / "metrics.jsonl").read_text().splitlines()
         (p / "metrics.jsonl").write_text("\n".join(r for r in rows if "eval_ranking_accuracy" not in r) + "\n")
-    runs = [load_run(p) for p in two_runs[:2]]
-    assign_labels(runs)
-    texts = legend_texts(runs)
+    texts = legend_texts(two_runs[:2])
     assert "held-out ranking accuracy\n(during training)" not in texts
     assert texts == ["amapo", "dpo", "train reward accuracy\n(logging window)",
                      "held-out, final model\n(95% Wilson interval)", "chance (0.5)"]
