@@ -49,8 +49,8 @@ def tokenized_rows(tokenizer, pairs: list[tuple[str, str, str]], first_index: in
 
 def amapo_outputs(model, batch: dict, gather_fn=None):
     """What PreferenceTrainer.pair_loss computes for loss_type=amapo: (LossOutput, Δ)."""
-    from prefalign.logps import sequence_logps
     from prefalign.losses import compute_loss
+    from prefalign.modeling import sequence_logps
 
     b = batch["row_index"].shape[0]
     lp = sequence_logps(model, batch["input_ids"], batch["attention_mask"], batch["labels"])

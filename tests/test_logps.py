@@ -4,7 +4,7 @@ import pytest
 import torch
 from conftest import tiny_llama
 
-from prefalign.logps import naive_sequence_logps, sequence_logps
+from prefalign.modeling import naive_sequence_logps, sequence_logps
 
 
 def _batch(vocab, rows=4, length=24, prompt=7, seed=1):

@@ -7,8 +7,8 @@ import torch
 from conftest import shared_path, tiny_llama
 
 from prefalign.data.collate import PairCollator
-from prefalign.logps import sequence_logps
-from prefalign.prefix_sharing import (
+from prefalign.modeling import sequence_logps
+from prefalign.modeling.packing import (
     CHOSEN,
     PAD,
     PROMPT,
@@ -227,8 +227,11 @@ def test_bf16_autocast_close_to_unshared():
     torch.testing.assert_close(got.mean, ref.mean, atol=0.05, rtol=0.02)
 
 
-def test_unsupported_attention_is_refused():
+def test_flash_attention_is_refused_in_one_line():
+    from prefalign.modeling import PrefixSharingRefused
+
     model = tiny_llama()
     model.config._attn_implementation = "flash_attention_2"
-    with pytest.raises(ValueError, match="sdpa' or 'eager"):
+    with pytest.raises(PrefixSharingRefused, match=r"^LlamaForCausalLM: prefix sharing needs a 4-D attention mask") as e:
         prefix_shared_logps(model, *packed_inputs(PrefixSharedCollator(pad_token_id=0)(_rows(128))))
+    assert "\n" not in str(e.value)

@@ -10,7 +10,7 @@ import torch
 from conftest import shared_path
 
 from prefalign.config import load_config
-from prefalign.logps import sequence_logps
+from prefalign.modeling import sequence_logps
 from prefalign.spo import graded_versions, key_phrases
 
 
@@ -81,14 +81,16 @@ def hh_file(hh_rows, tmp_path_factory):
 
 
 @pytest.mark.parametrize("loss", ["amapo", "dpo"])
-def test_zero_weight_reproduces_the_base_loss(loss, stories260k, hh_file, tmp_path):
+@pytest.mark.parametrize("packed", ["true", "false"])
+def test_zero_weight_reproduces_the_base_loss(loss, packed, stories260k, hh_file, tmp_path):
     torch.manual_seed(0)
-    base = _trainer(stories260k, hh_file, tmp_path, "--loss_type", loss, "--max_train_samples", "8")
-    spo = _trainer(stories260k, hh_file, tmp_path, "--loss_type", loss, "--max_train_samples", "8",
-                   "--use_spo", "--spo_weight", "0")
+    args = ["--loss_type", loss, "--max_train_samples", "8", "--prefix_sharing", packed]
+    base = _trainer(stories260k, hh_file, tmp_path, *args)
+    spo = _trainer(stories260k, hh_file, tmp_path, *args, "--use_spo", "--spo_weight", "0")
     rows = [spo.train_dataset[i] for i in range(8)]
     spo_batch = spo.data_collator(rows)
-    assert len(spo_batch["spo_degrees"]) > 0 and spo_batch["spo_input_ids"].shape[0] > 0
+    degraded = spo_batch["spo_input_ids"].shape[0] if packed == "false" else int(spo_batch["packed_segment_ids"].max()) - 2
+    assert len(spo_batch["spo_degrees"]) > 0 and degraded > 0
     base_batch = base.data_collator([base.train_dataset[i] for i in range(8)])
     base_loss = base.pair_loss(base.model, base_batch)[0]
     spo_loss, _, extra = spo.pair_loss(spo.model, spo_batch)
@@ -99,7 +101,7 @@ def test_zero_weight_reproduces_the_base_loss(loss, stories260k, hh_file, tmp_pa
 def test_prefix_sharing_gives_the_unshared_spo_loss(stories260k, hh_file, tmp_path):
     """With prefix sharing the degraded completions ride in their pair's packed row: same samples, same loss."""
     args = ["--loss_type", "amapo", "--max_train_samples", "8", "--use_spo", "--spo_weight", "1.0"]
-    unshared = _trainer(stories260k, hh_file, tmp_path, *args)
+    unshared = _trainer(stories260k, hh_file, tmp_path, *args, "--prefix_sharing", "false")
     shared = _trainer(stories260k, hh_file, tmp_path, *args, "--prefix_sharing", "true")
     rows = [unshared.train_dataset[i] for i in range(8)]
     a, b = unshared.data_collator(rows), shared.data_collator(rows)
@@ -114,7 +116,7 @@ def test_prefix_sharing_gives_the_unshared_spo_loss(stories260k, hh_file, tmp_pa
 
 def test_prefix_shared_degree_confusion_equals_unshared(stories260k, hh_file, tmp_path):
     """Every version of a pair's responses in one packed row: the same head inputs as one row per version."""
-    from prefalign.prefix_sharing import PrefixSharedCollator, packed_inputs, prefix_shared_logps
+    from prefalign.modeling.packing import PrefixSharedCollator, packed_inputs, prefix_shared_logps
     from prefalign.spo import all_degree_packed, all_degree_rows
 
     t = _trainer(stories260k, hh_file, tmp_path, "--loss_type", "simpo", "--max_train_samples", "8", "--use_spo")

@@ -113,7 +113,7 @@ def test_eval_json_on_a_trained_run(stories260k, hh_small, tmp_path, capsys):
 def test_precomputed_reference_equals_live_reference(stories260k, hh_small, tmp_path):
     from transformers import AutoModelForCausalLM
 
-    from prefalign.logps import sequence_logps
+    from prefalign.modeling import sequence_logps
     from prefalign.models import load_tokenizer
     from prefalign.run import build_trainer, load_policy, prepare_data
 

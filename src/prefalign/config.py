@@ -23,6 +23,8 @@ from .losses import LOSSES
 from .losses.amapo import VARIANTS
 
 REFERENCE_MODES = ("auto", "precomputed", "model", "adapter")
+DTYPES = ("float32", "bfloat16", "float16", "auto")
+ATTN_IMPLEMENTATIONS = ("eager", "sdpa", "flex_attention", "flash_attention_2", "flash_attention_3")
 
 
 @dataclass
@@ -31,7 +33,15 @@ class PrefAlignConfig(TrainingArguments):
     model_name_or_path: str | None = field(default=None, metadata={"help": "hub id, local folder, or smollm2-135m-instruct"})
     gguf_file: str | None = field(default=None, metadata={"help": "GGUF file inside model_name_or_path (dequantised)"})
     trust_remote_code: bool = field(default=False, metadata={"help": "run model code from the hub (off by default)"})
-    model_revision: str | None = None
+    model_revision: str | None = field(default=None, metadata={"help": "hub revision of the model (and of the reference when it is the same model)"})
+    dtype: str = field(
+        default="float32",
+        metadata={"help": "weights dtype at load: float32 (default; bf16/fp16 then autocast over fp32 master weights), "
+                          "bfloat16, float16 or auto (the checkpoint's)"},
+    )
+    attn_implementation: str | None = field(
+        default=None, metadata={"help": "eager, sdpa, flex_attention or flash_attention_2 (default: transformers' choice)"}
+    )
     # Data
     dataset: str | None = field(default=None, metadata={"help": "hub id, file or folder of preference pairs"})
     dataset_config: str | None = None
@@ -57,8 +67,10 @@ class PrefAlignConfig(TrainingArguments):
     amapo_exponential: bool = True
     amapo_zero_margin: bool = True
     sft_weight: float = field(default=0.0, metadata={"help": "weight of the chosen-completion NLL added to the loss"})
-    prefix_sharing: bool = field(
-        default=False, metadata={"help": "encode each pair's prompt once: one prompt+chosen+rejected row, 4-D attention mask"}
+    prefix_sharing: bool | None = field(
+        default=None,
+        metadata={"help": "encode each pair's prompt once (one prompt+chosen+rejected row, 4-D mask); default: on "
+                          "wherever it is exact for the model (docs/models.md), true: required, false: off"},
     )
     # Reference model (reference-based losses only)
     reference: str = field(default="auto", metadata={"help": "auto, precomputed, model or adapter"})
@@ -123,7 +135,10 @@ class PrefAlignConfig(TrainingArguments):
             "on_nonfinite": ("error", "skip"),
             "data_format": ("auto", "explicit", "implicit", "conversational"),
             "spo_on": ("both", "chosen", "rejected"),
+            "dtype": DTYPES,
         }
+        if self.attn_implementation is not None:
+            choices["attn_implementation"] = ATTN_IMPLEMENTATIONS
         for key, allowed in choices.items():
             if getattr(self, key) not in allowed:
                 bad(key, f"must be one of {', '.join(allowed)}, got {getattr(self, key)!r}")

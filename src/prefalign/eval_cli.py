@@ -23,6 +23,10 @@ def add_parser(sub) -> None:
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--limit", type=int, default=None, help="evaluate the first N pairs only")
     p.add_argument("--bf16", action="store_true", help="bf16 autocast")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16", "auto"], help="weights dtype")
+    p.add_argument("--attn-implementation", default=None, help="eager, sdpa, flex_attention or flash_attention_2")
+    p.add_argument("--prefix-sharing", default="auto", choices=["auto", "true", "false"],
+                   help="score each prompt once (default: wherever it is exact for the model)")
     p.add_argument("--per-pair", default=None, metavar="FILE", help="write one JSON line per pair")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.set_defaults(func=run)
@@ -45,8 +49,11 @@ def evaluate_path(
     batch_size=8,
     limit=None,
     bf16=False,
+    dtype="float32",
+    attn_implementation=None,
+    prefix_sharing: bool | None = None,
 ) -> tuple[dict, list[dict]]:
-    """Summary and per-pair records of `model` on `dataset` (one process)."""
+    """Summary and per-pair records of `model` on `dataset` (one process, on the GPU when there is one)."""
     import contextlib
 
     import torch
@@ -54,27 +61,46 @@ def evaluate_path(
 
     from .data import PairCollator, load_preference_data, tokenize_pairs
     from .evaluate import score_pairs, summarize
-    from .logps import sequence_logps
+    from .modeling import (
+        PrefixSharedCollator,
+        check_fast_path,
+        pair_logps,
+        resolve_prefix_sharing,
+        usable_pad_id,
+    )
     from .models import load_model, load_tokenizer
 
     kw = dict(gguf_file=gguf_file, trust_remote_code=trust_remote_code)
+    weights = dict(dtype=dtype, attn_implementation=attn_implementation)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     tokenizer = load_tokenizer(model, **kw)
-    policy = load_model(model, **kw)
+    policy = load_model(model, **kw, **weights).to(device)
     pdata = load_preference_data(
         dataset, tokenizer=tokenizer, split=split, config_name=dataset_config, columns=columns,
         data_format=data_format, chat_template=chat_template,
     )
     ds = pdata.dataset if limit is None else pdata.dataset.select(range(min(limit, len(pdata.dataset))))
     tok, tok_skipped = tokenize_pairs(ds, tokenizer, max_length=max_length, max_prompt_length=max_prompt_length)
-    loader = DataLoader(tok, batch_size=batch_size, shuffle=False, collate_fn=PairCollator(pad_token_id=tokenizer.pad_token_id))
-    autocast = (lambda: torch.autocast("cpu", dtype=torch.bfloat16)) if bf16 else contextlib.nullcontext
-    ref_fn = None
+    autocast = (lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if bf16 else contextlib.nullcontext
+    packed = resolve_prefix_sharing(prefix_sharing, policy)
+    ref_model = None
     if reference:
-        ref_model = load_model(reference, trust_remote_code=trust_remote_code).eval()
+        ref_model = load_model(reference, trust_remote_code=trust_remote_code, **weights).to(device).eval()
+        packed = packed and resolve_prefix_sharing(None, ref_model)  # both score the same batches
+    pad = usable_pad_id(policy, tokenizer)
+    rows = [{k: tok[i][k] for k in ("prompt_input_ids", "chosen_input_ids", "rejected_input_ids", "row_index")}
+            for i in range(min(2, len(tok)))]
+    for scored in (policy, ref_model) if ref_model is not None and rows else (policy,) if rows else ():
+        check_fast_path(scored, rows, pad, prefix_sharing=packed, autocast=autocast)
+    collator = PrefixSharedCollator(pad, keep_unshared=False) if packed else PairCollator(pad)
+    loader = DataLoader(tok, batch_size=batch_size, shuffle=False,
+                        collate_fn=lambda rows: {k: v.to(device) for k, v in collator(rows).items()})
+    ref_fn = None
+    if ref_model is not None:
 
         def ref_fn(batch):
             with autocast():
-                return sequence_logps(ref_model, batch["input_ids"], batch["attention_mask"], batch["labels"]).sum
+                return pair_logps(ref_model, batch).sum
 
     records = score_pairs(policy, loader, reference=ref_fn, autocast=autocast)
     summary = summarize(records)
@@ -93,6 +119,8 @@ def run(args) -> int:
         data_format=args.data_format, chat_template=args.chat_template, reference=args.reference,
         gguf_file=args.gguf_file, trust_remote_code=args.trust_remote_code, max_length=args.max_length,
         max_prompt_length=args.max_prompt_length, batch_size=args.batch_size, limit=args.limit, bf16=args.bf16,
+        dtype=args.dtype, attn_implementation=args.attn_implementation,
+        prefix_sharing={"auto": None, "true": True, "false": False}[args.prefix_sharing],
     )
     if args.per_pair:
         write_per_pair(records, args.per_pair)

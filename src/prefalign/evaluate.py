@@ -14,7 +14,7 @@ from collections.abc import Callable, Iterable
 
 import torch
 
-from .logps import sequence_logps
+from .modeling import pair_logps
 
 # Buckets of |Δ| (nats per token): where confident mistakes show up.
 MARGIN_BUCKETS = (0.0, 0.05, 0.1, 0.25, 0.5, 1.0, math.inf)
@@ -38,7 +38,7 @@ def score_pairs(
         for batch in batches:
             b = batch["row_index"].shape[0]
             with autocast():
-                lp = sequence_logps(model, batch["input_ids"], batch["attention_mask"], batch["labels"])
+                lp = pair_logps(model, batch)  # packed when the collator packed the batch
             fields = {
                 "index": batch["row_index"],
                 "chosen_logp_mean": lp.mean[:b],

@@ -132,8 +132,9 @@ def load_model(
     trust_remote_code: bool = False,
     revision: str | None = None,
     dtype: torch.dtype | str | None = None,
+    attn_implementation: str | None = None,
 ):
-    """An AutoModelForCausalLM. A peft adapter folder loads its base model (resolved like any name) with the
+    """An AutoModelForCausalLM (`dtype`: a torch dtype, its name, or "auto" for the checkpoint's). A peft adapter folder loads its base model (resolved like any name) with the
     adapter attached, unmerged and trainable (peft freezes the base weights)."""
     from transformers import AutoModelForCausalLM
 
@@ -151,13 +152,16 @@ def load_model(
             trust_remote_code=trust_remote_code,
             revision=adapter.get("revision"),
             dtype=dtype,
+            attn_implementation=attn_implementation,
         )
         return PeftModel.from_pretrained(base_model, path, is_trainable=True)
 
     _check_gguf(path, gguf_file)
     kwargs: dict = {"trust_remote_code": trust_remote_code, "revision": revision}
     if dtype is not None:
-        kwargs["dtype"] = dtype
+        kwargs["dtype"] = getattr(torch, dtype) if isinstance(dtype, str) and dtype != "auto" else dtype
+    if attn_implementation is not None:
+        kwargs["attn_implementation"] = attn_implementation
     if gguf_file is not None:
         kwargs["gguf_file"] = gguf_file  # the GGUF file is the weights, so no safetensors here
     else:

@@ -18,7 +18,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch.utils.data import DataLoader
 
-from .logps import sequence_logps
+from .modeling import pair_logps
 
 log = logging.getLogger(__name__)
 
@@ -42,12 +42,32 @@ def weights_fingerprint(model: torch.nn.Module) -> str:
     return h.hexdigest()[:16]
 
 
-def cache_key(model: torch.nn.Module, dataset, settings: dict) -> str:
+def _versions() -> dict:
+    from importlib.metadata import PackageNotFoundError, version
+
+    out = {}
+    for package in ("prefalign", "transformers", "torch"):
+        try:
+            out[package] = version(package)
+        except PackageNotFoundError:
+            out[package] = None
+    return out
+
+
+def cache_key(model: torch.nn.Module, dataset, settings: dict, collator=None) -> str:
+    """Everything the cached numbers depend on: the model and its weights, attention implementation and
+    dtype, the data, the batch layout (packed or not), the settings and the library versions."""
+    config = getattr(model, "config", None)
     parts = {
         "model": getattr(model, "name_or_path", type(model).__name__),
+        "revision": getattr(config, "_commit_hash", None),
         "weights": weights_fingerprint(model),
+        "dtype": str(next(model.parameters()).dtype),
+        "attn_implementation": getattr(config, "_attn_implementation", None),
+        "layout": type(collator).__name__ if collator is not None else None,
         "data": getattr(dataset, "_fingerprint", None),
         "n": len(dataset),
+        **_versions(),
         **settings,
     }
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:24]
@@ -65,12 +85,7 @@ def compute_reference_logps(model, dataset, collator, *, batch_size: int, autoca
             b = batch["row_index"].shape[0]
             ctx = autocast() if autocast else torch.autocast(device.type, enabled=False)
             with ctx:
-                lp = sequence_logps(
-                    model,
-                    batch["input_ids"].to(device),
-                    batch["attention_mask"].to(device),
-                    batch["labels"].to(device),
-                )
+                lp = pair_logps(model, {k: v.to(device) for k, v in batch.items()})  # the collator's layout
             for kind, values in (("sum", lp.sum), ("mean", lp.mean)):
                 out[f"chosen_{kind}"].append(values[:b].float().cpu())
                 out[f"rejected_{kind}"].append(values[b:].float().cpu())
@@ -82,7 +97,7 @@ def compute_reference_logps(model, dataset, collator, *, batch_size: int, autoca
 def with_reference_logps(model, dataset, collator, *, batch_size: int, settings: dict, cache_dir=None, autocast=None):
     """The dataset with columns ref_{chosen,rejected}_logps_{sum,mean}, from the cache when it has them."""
     cache_dir = Path(cache_dir) if cache_dir else default_cache_dir()
-    key = cache_key(model, dataset, settings)
+    key = cache_key(model, dataset, settings, collator)
     path = cache_dir / f"{key}.safetensors"
     if path.exists():
         values = load_file(str(path))

@@ -70,8 +70,6 @@ def prepare_data(cfg: PrefAlignConfig, tokenizer) -> PreparedData:
             report[name]["spo"] = spo_counts
             log.info("%s data: SPO samples from %d responses; %d responses without key phrases to grade",
                      name, spo_counts["spo_responses"], spo_counts["spo_no_sample"])
-        if cfg.train_sampling_strategy == "group_by_length":
-            tok = add_length_column(tok, cfg.length_column_name, packed=cfg.prefix_sharing)
         skips = ", ".join(f"{k}: {v}" for k, v in skipped.items()) or "none"
         if tok_skipped:  # the loader already reported its own counts
             log.info("%s data: %d pairs after tokenization, skipped: %s", name, len(tok), skips)
@@ -108,6 +106,24 @@ def _model_kwargs(cfg: PrefAlignConfig) -> dict:
     return dict(gguf_file=cfg.gguf_file, trust_remote_code=cfg.trust_remote_code, revision=cfg.model_revision)
 
 
+def _weights_kwargs(cfg: PrefAlignConfig) -> dict:
+    """How weights load: `dtype` float32 by default, so bf16/fp16 training is autocast over fp32 master weights."""
+    return dict(dtype=cfg.dtype, attn_implementation=cfg.attn_implementation)
+
+
+def _warn_low_precision_weights(cfg: PrefAlignConfig, model) -> None:
+    import torch
+
+    trainable = {p.dtype for p in model.parameters() if p.requires_grad}
+    low = sorted(str(d).removeprefix("torch.") for d in trainable & {torch.bfloat16, torch.float16})
+    if low:
+        log.warning(
+            "training %s weights directly (dtype: %s): an AdamW update smaller than about 1/256 of a weight is "
+            "lost in bfloat16, which at learning rates like %g is most of them; dtype: float32 with bf16: true "
+            "keeps fp32 master weights", "/".join(low), cfg.dtype, cfg.learning_rate,
+        )
+
+
 def load_tokenizer_for(cfg: PrefAlignConfig):
     from .models import load_tokenizer
 
@@ -119,7 +135,7 @@ def load_policy(cfg: PrefAlignConfig, tokenizer=None):
     from .models import load_model
 
     tokenizer = tokenizer or load_tokenizer_for(cfg)
-    model = load_model(cfg.model_name_or_path, **_model_kwargs(cfg))
+    model = load_model(cfg.model_name_or_path, **_model_kwargs(cfg), **_weights_kwargs(cfg))
     if cfg.use_peft:
         from peft import LoraConfig, get_peft_model
 
@@ -132,16 +148,54 @@ def load_policy(cfg: PrefAlignConfig, tokenizer=None):
             model = get_peft_model(model, lora)
         except ValueError as e:
             raise PrefalignError(f"lora_target_modules={cfg.lora_target_modules!r}: {str(e).splitlines()[0]}") from None
+    else:
+        _warn_low_precision_weights(cfg, model)  # LoRA adapters are fp32 whatever the frozen base is
     if cfg.gradient_checkpointing:
         model.config.use_cache = False
     return model, tokenizer
 
 
+def _autocast(cfg: PrefAlignConfig, model):
+    """The autocast the trainer will train under (None: full precision)."""
+    import torch
+
+    if not (cfg.bf16 or cfg.fp16):
+        return None
+    device_type = next(model.parameters()).device.type
+    dtype = torch.bfloat16 if cfg.bf16 else torch.float16
+    return lambda: torch.autocast(device_type, dtype=dtype)
+
+
+def ready_model(cfg: PrefAlignConfig, model, tokenizer, data: PreparedData) -> int:
+    """Before any scoring: the model on its device (where the trainer would put it), prefix sharing made
+    definite for it, a pad id it can embed, the start-up self-check, and the length column in the layout
+    chosen. Returns the pad id."""
+    import contextlib
+
+    from .modeling import check_fast_path, resolve_prefix_sharing, usable_pad_id
+
+    if not (cfg.fsdp or cfg.deepspeed or getattr(model, "hf_device_map", None)):
+        model.to(cfg.device)  # the trainer does the same; the self-check and reference pass then run there
+    cfg.prefix_sharing = resolve_prefix_sharing(cfg.prefix_sharing, model)
+    pad = usable_pad_id(model, tokenizer)
+    rows = [{k: data.train[i][k] for k in ("prompt_input_ids", "chosen_input_ids", "rejected_input_ids", "row_index")}
+            for i in range(min(2, len(data.train)))]
+    check_fast_path(model, rows, pad, prefix_sharing=cfg.prefix_sharing,
+                    autocast=_autocast(cfg, model) or contextlib.nullcontext)
+    if cfg.train_sampling_strategy == "group_by_length":
+        data.train = add_length_column(data.train, cfg.length_column_name, packed=cfg.prefix_sharing)
+        if data.eval is not None:
+            data.eval = add_length_column(data.eval, cfg.length_column_name, packed=cfg.prefix_sharing)
+    return pad
+
+
 def build_trainer(cfg: PrefAlignConfig, model, tokenizer, data: PreparedData):
     from .data import PairCollator
+    from .modeling import PrefixSharedCollator, resolve_prefix_sharing
     from .trainer import PreferenceTrainer
 
-    collator = PairCollator(pad_token_id=tokenizer.pad_token_id)
+    pad = ready_model(cfg, model, tokenizer, data)
+    collator = PrefixSharedCollator(pad) if cfg.prefix_sharing else PairCollator(pad)
     mode = cfg.reference_mode()
     ref_model = None
     train, evals = data.train, data.eval
@@ -152,6 +206,8 @@ def build_trainer(cfg: PrefAlignConfig, model, tokenizer, data: PreparedData):
             cfg.ref_model_name_or_path or cfg.model_name_or_path,
             gguf_file=None if cfg.ref_model_name_or_path else cfg.gguf_file,
             trust_remote_code=cfg.trust_remote_code,
+            revision=None if cfg.ref_model_name_or_path else cfg.model_revision,
+            **_weights_kwargs(cfg),  # the policy's dtype: a first DPO loss of exactly log 2
         )
     elif mode == "precomputed":
         from .reference_cache import with_reference_logps
@@ -159,25 +215,22 @@ def build_trainer(cfg: PrefAlignConfig, model, tokenizer, data: PreparedData):
         if cfg.ref_model_name_or_path:
             from .models import load_model
 
-            reference = load_model(cfg.ref_model_name_or_path, trust_remote_code=cfg.trust_remote_code)
+            reference = load_model(cfg.ref_model_name_or_path, trust_remote_code=cfg.trust_remote_code,
+                                   **_weights_kwargs(cfg)).to(next(model.parameters()).device)
         else:
             reference = model  # before training the policy is the reference: no second copy in memory
-        settings = {"max_length": cfg.max_length, "max_prompt_length": cfg.max_prompt_length, "truncation": cfg.truncation_mode}
-        autocast = None
-        if cfg.bf16:  # the reference sees the same precision as the policy will during training
-            import torch
-
-            device_type = next(reference.parameters()).device.type
-            settings["bf16"] = True
-
-            def autocast():
-                return torch.autocast(device_type, dtype=torch.bfloat16)
+        settings = {"max_length": cfg.max_length, "max_prompt_length": cfg.max_prompt_length,
+                    "truncation": cfg.truncation_mode, "bf16": cfg.bf16, "fp16": cfg.fp16}
+        autocast = _autocast(cfg, reference)  # the reference sees the precision the policy trains in
 
         kw = dict(batch_size=cfg.per_device_eval_batch_size, settings=settings, cache_dir=cfg.ref_cache_dir, autocast=autocast)
-        train, info = with_reference_logps(reference, train, collator, **kw)
+        ref_collator = collator
+        if cfg.prefix_sharing and not resolve_prefix_sharing(None, reference):
+            ref_collator = PairCollator(pad)  # a reference of another family may refuse the packed layout
+        train, info = with_reference_logps(reference, train, ref_collator, **kw)
         data.report["reference_cache"] = info
         if evals is not None:
-            evals, _ = with_reference_logps(reference, evals, collator, **kw)
+            evals, _ = with_reference_logps(reference, evals, ref_collator, **kw)
         del reference
     return PreferenceTrainer(
         model,

@@ -16,10 +16,10 @@ from .checkpointing import CrashSafeCheckpointing, SigtermCheckpoint
 from .config import PrefAlignConfig
 from .errors import PrefalignError
 from .evaluate import score_pairs, summarize
-from .logps import sequence_logps
 from .losses import compute_loss
 from .metrics_log import MetricsFileCallback
-from .prefix_sharing import PrefixSharedCollator, attention_implementation, packed_inputs, prefix_shared_logps
+from .modeling import PrefixSharingRefused, packing_plan, pair_logps, resolve_prefix_sharing, sequence_logps
+from .modeling.packing import PrefixSharedCollator, packed_inputs, prefix_shared_logps
 from .spo import SPOCollator, SPOHead, all_degree_packed, all_degree_rows, spo_loss
 
 REF_COLUMNS = ("ref_chosen_logps_sum", "ref_rejected_logps_sum", "ref_chosen_logps_mean", "ref_rejected_logps_mean")
@@ -112,8 +112,8 @@ class SPOHeadGradSync(TrainerCallback):
 
 class PreferenceTrainer(CrashSafeCheckpointing, Trainer):
     def __init__(self, model, args: PrefAlignConfig, *, data_collator, ref_model=None, **kwargs):
+        args.prefix_sharing = resolve_prefix_sharing(args.prefix_sharing, model)  # None: on where it is exact
         if args.prefix_sharing and not isinstance(data_collator, PrefixSharedCollator):
-            attention_implementation(model)  # refuses flash/flex attention before training starts
             data_collator = PrefixSharedCollator(data_collator.pad_token_id)
         spo = None
         if args.use_spo:
@@ -130,9 +130,14 @@ class PreferenceTrainer(CrashSafeCheckpointing, Trainer):
         self.spec = args.loss_spec
         self.ref_mode = args.reference_mode()
         self.ref_model = None
+        self._ref_packed = False  # a reference model of another family may refuse the packed layout
         if ref_model is not None:
             ref_model.eval().requires_grad_(False)
             self.ref_model = self.accelerator.prepare_model(ref_model, evaluation_mode=True)
+            try:
+                self._ref_packed = bool(args.prefix_sharing and packing_plan(ref_model))
+            except PrefixSharingRefused:
+                pass
         if self.ref_mode == "model" and self.ref_model is None:
             raise PrefalignError(f"loss '{args.loss_type}' with reference=model needs a reference model")
         self._metrics = {"train": defaultdict(list), "eval": defaultdict(list)}
@@ -159,7 +164,9 @@ class PreferenceTrainer(CrashSafeCheckpointing, Trainer):
         with torch.no_grad():
             if self.ref_mode == "adapter":
                 with self.accelerator.unwrap_model(model).disable_adapter():
-                    lp = sequence_logps(model, batch["input_ids"], batch["attention_mask"], batch["labels"])
+                    lp = pair_logps(model, batch)
+            elif self._ref_packed:
+                lp = pair_logps(self.ref_model, batch)
             else:
                 lp = sequence_logps(self.ref_model, batch["input_ids"], batch["attention_mask"], batch["labels"])
         return lp.sum, lp.mean

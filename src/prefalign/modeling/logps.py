@@ -1,0 +1,138 @@
+"""Per-sequence completion log-probs from one forward pass, without full-vocabulary fp32 logits.
+
+The model runs as it is (wrapped by DDP/FSDP/peft or not) with `logits_to_keep=1`, so it builds no
+[rows, seq, vocab] logits; a forward hook on its decoder keeps the final hidden state (only that one, not
+every layer's). The output head, with the model's own post-processing (`head.HeadSpec`: soft-capping,
+logit scales), is then applied only at positions that predict a completion token, in chunks, and each
+chunk's fp32 log-softmax is recomputed in the backward pass instead of being stored.
+
+`naive_sequence_logps` is the textbook computation — `log_softmax(model(...).logits)` — that every fast
+path is tested against, and that the start-up self-check compares with.
+"""
+
+from __future__ import annotations
+
+import weakref
+from dataclasses import dataclass
+
+import torch
+from torch.utils.checkpoint import checkpoint
+
+from ..errors import PrefalignError
+from .head import HeadSpec, head_spec, unwrap
+
+CHUNK_TOKENS = 1024
+_SPECS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model -> HeadSpec, read once per model
+
+
+@dataclass
+class SequenceLogps:
+    sum: torch.Tensor  # [N] summed log-prob of each completion
+    mean: torch.Tensor  # [N] per-token mean
+    n_tokens: torch.Tensor  # [N] completion tokens scored
+    hidden_mean: torch.Tensor | None = None  # [N, H] mean final hidden state over completion tokens (SPO)
+
+
+def cached_head_spec(model: torch.nn.Module) -> HeadSpec:
+    inner = unwrap(model)
+    if inner not in _SPECS:
+        _SPECS[inner] = head_spec(inner)
+    return _SPECS[inner]
+
+
+def output_head(model: torch.nn.Module) -> torch.nn.Module:
+    head = unwrap(model).get_output_embeddings()
+    if head is None:
+        raise PrefalignError(f"{type(unwrap(model)).__name__} has no output embeddings: not a causal language model")
+    return head
+
+
+def final_hidden_states(model: torch.nn.Module, **inputs) -> torch.Tensor:
+    """[N, T, H] final (normed) hidden states of one forward of `model` — the wrapper is what runs, so DDP,
+    FSDP and gradient checkpointing behave as in any training step."""
+    decoder = unwrap(model).get_decoder()
+    captured = []
+
+    def keep(_module, _args, output):
+        captured.append(output.last_hidden_state if hasattr(output, "last_hidden_state") else output[0])
+
+    handle = decoder.register_forward_hook(keep)
+    try:
+        model(**inputs, use_cache=False, logits_to_keep=1)
+    finally:
+        handle.remove()
+    if len(captured) != 1:
+        raise PrefalignError(f"{type(unwrap(model)).__name__}: its decoder ran {len(captured)} times in one forward")
+    return captured[0]
+
+
+def _token_logps(head: torch.nn.Module, spec: HeadSpec, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    if not torch.is_autocast_enabled(hidden.device.type):  # outside autocast the head wants its own dtype
+        hidden = hidden.to(head.weight.dtype)
+    logits = spec.apply_to_logits(head(spec.apply_to_hidden(hidden)).float())
+    return logits.gather(-1, targets[:, None]).squeeze(-1) - torch.logsumexp(logits, dim=-1)
+
+
+def score_hidden(
+    model: torch.nn.Module,
+    hidden: torch.Tensor,
+    labels: torch.Tensor,
+    *,
+    n_scored: int | None = None,
+    with_hidden_mean: bool = False,
+    chunk_tokens: int = CHUNK_TOKENS,
+) -> SequenceLogps:
+    """Log-probs of the label tokens (labels = -100 elsewhere) given final hidden states [N, T, H], where
+    position t predicts label t+1. Only the first `n_scored` rows (default: all) are scored;
+    `with_hidden_mean` adds every row's mean hidden state over its labelled positions."""
+    n_scored = hidden.shape[0] if n_scored is None else n_scored
+    targets = labels[:n_scored, 1:]
+    scored = targets != -100
+    rows, cols = scored.nonzero(as_tuple=True)
+    h = hidden[:n_scored, :-1][rows, cols]
+    t = targets[rows, cols]
+    head, spec = output_head(model), cached_head_spec(model)
+    pieces = []
+    for start in range(0, h.shape[0], chunk_tokens):
+        hs, ts = h[start : start + chunk_tokens], t[start : start + chunk_tokens]
+        if torch.is_grad_enabled() and hs.requires_grad:
+            pieces.append(checkpoint(_token_logps, head, spec, hs, ts, use_reentrant=False))
+        else:
+            pieces.append(_token_logps(head, spec, hs, ts))
+    token_logps = torch.cat(pieces) if pieces else hidden.new_zeros(0, dtype=torch.float32)
+
+    sums = torch.zeros(n_scored, dtype=torch.float32, device=hidden.device).index_add(0, rows, token_logps)
+    counts = scored.sum(-1)
+    means = sums / counts.clamp(min=1)
+    hidden_mean = None
+    if with_hidden_mean:
+        completion = (labels != -100).unsqueeze(-1)
+        hidden_mean = (hidden.float() * completion).sum(1) / completion.sum(1).clamp(min=1)
+    return SequenceLogps(sum=sums, mean=means, n_tokens=counts, hidden_mean=hidden_mean)
+
+
+def sequence_logps(
+    model: torch.nn.Module,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    labels: torch.Tensor,
+    *,
+    with_hidden_mean: bool = False,
+    n_scored: int | None = None,
+    chunk_tokens: int = CHUNK_TOKENS,
+) -> SequenceLogps:
+    """Completion log-probs of right-padded rows (labels = -100 outside the completion), one forward."""
+    hidden = final_hidden_states(model, input_ids=input_ids, attention_mask=attention_mask)
+    return score_hidden(model, hidden, labels, n_scored=n_scored, with_hidden_mean=with_hidden_mean,
+                        chunk_tokens=chunk_tokens)
+
+
+def naive_sequence_logps(model, input_ids, attention_mask, labels, **forward_kwargs) -> SequenceLogps:
+    """The textbook computation (full fp32 log-softmax of the model's own logits)."""
+    logits = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False, **forward_kwargs).logits.float()
+    targets = labels[:, 1:]
+    mask = targets != -100
+    logp = logits[:, :-1].log_softmax(-1).gather(-1, targets.clamp(min=0)[..., None]).squeeze(-1)
+    sums = (logp * mask).sum(-1)
+    counts = mask.sum(-1)
+    return SequenceLogps(sum=sums, mean=sums / counts.clamp(min=1), n_tokens=counts)
