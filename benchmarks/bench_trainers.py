@@ -32,34 +32,35 @@ STORIES = SHARED / "models" / "stories260K"
 MODELS = {"smollm2": "smollm2-135m-instruct", "tiny": str(STORIES)}
 RESULT = "BENCH_RESULT "
 
-# name -> (implementation, prefalign loss or TRL trainer, use_spo, prefix sharing)
+# name -> (implementation, prefalign loss or TRL trainer, use_spo, prefix sharing). prefalign's plain names run
+# its defaults (prefix sharing on wherever it is exact for the model: both models here); "-unshared" turns it off.
 TRAINERS = {
     "trl-dpo": ("trl", "dpo", False, False),
     "trl-dpo-precomputed": ("trl", "dpo-precomputed", False, False),
-    "prefalign-dpo": ("prefalign", "dpo", False, False),
-    "prefalign-dpo+ps": ("prefalign", "dpo", False, True),
+    "prefalign-dpo": ("prefalign", "dpo", False, None),
+    "prefalign-dpo-unshared": ("prefalign", "dpo", False, False),
     "trl-cpo-simpo": ("trl", "cpo-simpo", False, False),
-    "prefalign-simpo": ("prefalign", "simpo", False, False),
-    "prefalign-simpo+ps": ("prefalign", "simpo", False, True),
-    "prefalign-amapo": ("prefalign", "amapo", False, False),
-    "prefalign-amapo+ps": ("prefalign", "amapo", False, True),
-    "prefalign-amapo+spo": ("prefalign", "amapo", True, False),
-    "prefalign-amapo+spo+ps": ("prefalign", "amapo", True, True),
+    "prefalign-simpo": ("prefalign", "simpo", False, None),
+    "prefalign-simpo-unshared": ("prefalign", "simpo", False, False),
+    "prefalign-amapo": ("prefalign", "amapo", False, None),
+    "prefalign-amapo-unshared": ("prefalign", "amapo", False, False),
+    "prefalign-amapo+spo": ("prefalign", "amapo", True, None),
+    "prefalign-amapo+spo-unshared": ("prefalign", "amapo", True, False),
 }
 # (prefalign trainer, TRL trainer it is compared with, speed target, whether the losses must agree)
 COMPARISONS = [
-    ("prefalign-dpo", "trl-dpo", 1.3, True),
-    ("prefalign-dpo+ps", "trl-dpo", 1.3, True),
-    ("prefalign-dpo+ps", "trl-dpo-precomputed", None, True),
-    ("prefalign-simpo", "trl-cpo-simpo", 1.5, True),
-    ("prefalign-simpo+ps", "trl-cpo-simpo", 1.5, True),
-    ("prefalign-amapo", "trl-cpo-simpo", 1.5, False),
-    ("prefalign-amapo+ps", "trl-cpo-simpo", 1.5, False),
-    ("prefalign-amapo+spo", "trl-cpo-simpo", 1.5, False),
-    ("prefalign-amapo+spo+ps", "trl-cpo-simpo", 1.5, False),
+    ("prefalign-dpo", "trl-dpo", 1.5, True),
+    ("prefalign-dpo-unshared", "trl-dpo", 1.5, True),
+    ("prefalign-dpo", "trl-dpo-precomputed", None, True),
+    ("prefalign-simpo", "trl-cpo-simpo", 2.0, True),
+    ("prefalign-simpo-unshared", "trl-cpo-simpo", 2.0, True),
+    ("prefalign-amapo", "trl-cpo-simpo", 2.0, False),
+    ("prefalign-amapo-unshared", "trl-cpo-simpo", 2.0, False),
+    ("prefalign-amapo+spo", "trl-cpo-simpo", 2.0, False),
+    ("prefalign-amapo+spo-unshared", "trl-cpo-simpo", 2.0, False),
 ]
 # SPO's step-time overhead over its base loss in the same layout (issue 5's target: at most 1.6x)
-SPO_OVERHEAD = [("prefalign-amapo+spo", "prefalign-amapo"), ("prefalign-amapo+spo+ps", "prefalign-amapo+ps")]
+SPO_OVERHEAD = [("prefalign-amapo+spo", "prefalign-amapo"), ("prefalign-amapo+spo-unshared", "prefalign-amapo-unshared")]
 SPO_OVERHEAD_TARGET = 1.6
 MEMORY_TARGET = 0.75
 BETAS = {"dpo": 0.1, "simpo": 2.0}  # prefalign's defaults, given to TRL explicitly
@@ -159,8 +160,8 @@ def _child_prefalign(spec: dict, rec: _Recorder):
         "bf16": spec["precision"] == "bf16", "train_sampling_strategy": "sequential",
         "ref_cache_dir": str(Path(spec["workdir"]) / "ref-cache"),
     }
-    if ps:
-        overrides["prefix_sharing"] = True
+    if ps is not None:
+        overrides["prefix_sharing"] = ps
     cfg = load_config(None, overrides)
     tok = load_tokenizer(spec["model"])
     model = load_model(spec["model"], dtype=torch.float32)
@@ -444,11 +445,11 @@ def report(case: str, spec: dict, results: dict[str, dict]) -> list[dict]:
 # Which trainers each case runs by default. SmolLM2 steps are expensive on a 2-core machine, so its plan leaves
 # out what the tiny model already measures (TRL's precomputed-reference DPO, AMaPO without prefix sharing).
 PLAN = {
-    "smollm2:fp32": ["trl-dpo", "prefalign-dpo", "prefalign-dpo+ps", "trl-cpo-simpo", "prefalign-simpo",
-                     "prefalign-simpo+ps", "prefalign-amapo+ps", "prefalign-amapo+spo", "prefalign-amapo+spo+ps"],
-    "smollm2:bf16": ["trl-dpo", "prefalign-dpo+ps", "trl-cpo-simpo", "prefalign-simpo+ps", "prefalign-amapo+ps"],
+    "smollm2:fp32": ["trl-dpo", "prefalign-dpo", "trl-cpo-simpo", "prefalign-simpo", "prefalign-amapo",
+                     "prefalign-amapo+spo"],
+    "smollm2:bf16": ["trl-dpo", "prefalign-dpo", "trl-cpo-simpo", "prefalign-simpo", "prefalign-amapo"],
     "tiny:fp32": list(TRAINERS),
-    "tiny:bf16": ["trl-dpo", "prefalign-dpo+ps", "trl-cpo-simpo", "prefalign-simpo+ps"],
+    "tiny:bf16": ["trl-dpo", "prefalign-dpo", "trl-cpo-simpo", "prefalign-simpo"],
 }
 DEFAULT_CASES = "smollm2:fp32,tiny:fp32,tiny:bf16"
 
@@ -484,7 +485,7 @@ def main(argv=None) -> None:
     if set(cases) - set(PLAN):
         raise SystemExit(f"unknown cases {sorted(set(cases) - set(PLAN))}; choose from {', '.join(PLAN)}")
     if args.quick:
-        args.trainers, args.tiny_steps = args.trainers or "trl-cpo-simpo,prefalign-simpo,prefalign-simpo+ps", 3
+        args.trainers, args.tiny_steps = args.trainers or "trl-cpo-simpo,prefalign-simpo,prefalign-simpo-unshared", 3
     chosen = [t.strip() for t in args.trainers.split(",")] if args.trainers else None
     if chosen and set(chosen) - set(TRAINERS):
         raise SystemExit(f"unknown trainers {sorted(set(chosen) - set(TRAINERS))}; choose from {', '.join(TRAINERS)}")

@@ -144,3 +144,12 @@ def test_pad_id_outside_the_vocabulary_trains(saved, hh_file, tmp_path):
     assert AutoTokenizer.from_pretrained(folder).pad_token_id >= 512  # the model has 512 embeddings
     summary = train(_cfg(folder, hh_file, tmp_path / "run", "--max_steps", "1", "--loss_type", "simpo"))
     assert summary["global_step"] == 1
+
+
+def test_flex_attention_training_on_cpu_is_refused_in_one_line(stories260k, hh_file, tmp_path):
+    from prefalign.errors import PrefalignError
+
+    cfg = _cfg(stories260k, hh_file, tmp_path / "a", "--attn_implementation", "flex_attention")
+    model, tok = load_policy(cfg)
+    with pytest.raises(PrefalignError, match="^attn_implementation flex_attention: .* no backward pass on the CPU"):
+        build_trainer(cfg, model, tok, prepare_data(cfg, tok))

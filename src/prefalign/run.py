@@ -176,6 +176,10 @@ def ready_model(cfg: PrefAlignConfig, model, tokenizer, data: PreparedData) -> i
 
     if not (cfg.fsdp or cfg.deepspeed or getattr(model, "hf_device_map", None)):
         model.to(cfg.device)  # the trainer does the same; the self-check and reference pass then run there
+    device = next(model.parameters()).device
+    if getattr(model.config, "_attn_implementation", None) == "flex_attention" and device.type == "cpu":
+        raise PrefalignError("attn_implementation flex_attention: torch's FlexAttention has no backward pass on the "
+                             "CPU; train with sdpa or eager here (flex_attention evaluates on the CPU)")
     cfg.prefix_sharing = resolve_prefix_sharing(cfg.prefix_sharing, model)
     pad = usable_pad_id(model, tokenizer)
     rows = [{k: data.train[i][k] for k in ("prompt_input_ids", "chosen_input_ids", "rejected_input_ids", "row_index")}

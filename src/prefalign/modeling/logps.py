@@ -58,7 +58,13 @@ def final_hidden_states(model: torch.nn.Module, **inputs) -> torch.Tensor:
 
     handle = decoder.register_forward_hook(keep)
     try:
-        model(**inputs, use_cache=False, logits_to_keep=1)
+        try:
+            model(**inputs, use_cache=False, logits_to_keep=1)
+        except TypeError as err:  # remote code without logits_to_keep: full logits, same hidden states
+            if "logits_to_keep" not in str(err):
+                raise
+            captured.clear()
+            model(**inputs, use_cache=False)
     finally:
         handle.remove()
     if len(captured) != 1:
