@@ -115,24 +115,29 @@ def test_precomputed_reference_equals_live_reference(stories260k, hh_small, tmp_
 
     from prefalign.modeling import sequence_logps
     from prefalign.models import load_tokenizer
+    from prefalign.reference_cache import run_folder_file
     from prefalign.run import build_trainer, load_policy, prepare_data
 
     cfg = _cfg(stories260k, hh_small, tmp_path / "run", "--loss_type", "dpo", "--max_train_samples", "6",
                "--ref_cache_dir", str(tmp_path / "cache"))
     model, tok = load_policy(cfg)
-    data = prepare_data(cfg, tok)
-    trainer = build_trainer(cfg, model, tok, data)
-    assert data.report["reference_cache"]["reused"] is False
+    trainer = build_trainer(cfg, model, tok, prepare_data(cfg, tok))
+    trainer.prepare_reference()  # what the trainer does when training begins
+    assert [i["source"] for i in trainer.reference_info] == ["computed"]
+    assert run_folder_file(tmp_path / "run", "train").is_file()  # a resumed run reads it from here
     ref = AutoModelForCausalLM.from_pretrained(stories260k).eval()
     batch = trainer.data_collator([trainer.train_dataset[i] for i in range(6)])
+    sums, means = trainer.reference_logps(trainer.model.train(), batch)
     with torch.no_grad():
         live = sequence_logps(ref, batch["input_ids"], batch["attention_mask"], batch["labels"])
-    torch.testing.assert_close(batch["ref_chosen_logps_sum"], live.sum[:6], atol=1e-4, rtol=1e-6)
-    torch.testing.assert_close(batch["ref_rejected_logps_mean"], live.mean[6:], atol=1e-6, rtol=1e-6)
-    # A second run with the same model, data and settings reuses the cache.
-    data2 = prepare_data(cfg, load_tokenizer(str(stories260k)))
-    build_trainer(cfg, load_policy(cfg)[0], tok, data2)
-    assert data2.report["reference_cache"]["reused"] is True
+    torch.testing.assert_close(sums, live.sum, atol=1e-4, rtol=1e-6)
+    torch.testing.assert_close(means, live.mean, atol=1e-6, rtol=1e-6)
+    # Another run with the same model, data and settings reuses the shared cache.
+    cfg2 = _cfg(stories260k, hh_small, tmp_path / "run2", "--loss_type", "dpo", "--max_train_samples", "6",
+                "--ref_cache_dir", str(tmp_path / "cache"))
+    trainer2 = build_trainer(cfg2, load_policy(cfg2)[0], tok, prepare_data(cfg2, load_tokenizer(str(stories260k))))
+    trainer2.prepare_reference()
+    assert [i["source"] for i in trainer2.reference_info] == ["cache"]
 
 
 def test_lora_run_saves_an_adapter_that_eval_loads(stories260k, hh_small, tmp_path, capsys):

@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import json
+import logging
 import math
 import types
 import typing
@@ -100,7 +101,24 @@ class PrefAlignConfig(TrainingArguments):
 
     def __post_init__(self):
         self._check()
+        self._cpu_when_launched_without_accelerator()
         super().__post_init__()
+
+    def _cpu_when_launched_without_accelerator(self) -> None:
+        """`accelerate launch` / torchrun started several processes on a machine without a GPU: without
+        use_cpu transformers would run each process alone (world size 1), all writing the same run folder."""
+        import os
+
+        import torch
+
+        if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not self.use_cpu and not torch.cuda.is_available():
+            has_xpu = hasattr(torch, "xpu") and torch.xpu.is_available()
+            if not has_xpu:
+                logging.getLogger(__name__).warning(
+                    "launched as %s processes without a GPU: use_cpu set, so they train together over gloo",
+                    os.environ["WORLD_SIZE"],
+                )
+                self.use_cpu = True
 
     def _check(self) -> None:
         def bad(key, why):

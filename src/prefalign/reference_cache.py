@@ -1,8 +1,15 @@
-"""Reference log-probs computed in one pass before training and cached on disk.
+"""The reference pass: reference log-probs of every pair, computed once when training starts, kept by row.
 
-The cache key covers the reference model (its name and a fingerprint of its weights), the tokenized data
-(the `datasets` fingerprint, which follows the source files and the tokenization function and settings)
-and the tokenization limits, so a second run with the same inputs loads instead of recomputing.
+It runs inside the trainer when training begins (`PreferenceTrainer`'s callback), after `accelerator.prepare`:
+on the accelerator's device, with the model as prepared (DDP, FSDP), in the batch layout (packed or not)
+and under the autocast the policy trains in — so before any update a DPO loss is exactly log 2. Each
+process scores the batches of the sharded dataloader it will train on (so in bf16 too the values match the
+first epoch's batches exactly) and the results are gathered, so every process holds the whole table.
+
+The values are stored twice: in the run folder (`reference_logps/`, which is what a resumed run reads —
+its policy has trained weights by then, so they could not be recomputed) and in a cache shared by runs
+(`~/.cache/prefalign/ref_logps`), keyed by everything they depend on: model and weights, revision, dtype,
+attention implementation, batch layout, data, settings and the prefalign/transformers/torch versions.
 """
 
 from __future__ import annotations
@@ -16,13 +23,13 @@ from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
-from torch.utils.data import DataLoader
 
-from .modeling import pair_logps
+from .modeling import pair_logps, unwrap
 
 log = logging.getLogger(__name__)
 
 KINDS = ("chosen_sum", "rejected_sum", "chosen_mean", "rejected_mean")
+RUN_FOLDER = "reference_logps"  # inside output_dir: {split}.safetensors
 
 
 def default_cache_dir() -> Path:
@@ -35,7 +42,7 @@ def default_cache_dir() -> Path:
 def weights_fingerprint(model: torch.nn.Module) -> str:
     """Cheap but weight-sensitive: name, shape, dtype, sum and first values of every parameter."""
     h = hashlib.sha256()
-    for name, p in model.state_dict().items():
+    for name, p in unwrap(model).state_dict().items():
         flat = p.detach().flatten()
         h.update(f"{name}{tuple(p.shape)}{p.dtype}{float(flat.double().sum()):.10e}".encode())
         h.update(flat[:8].double().cpu().numpy().tobytes())
@@ -57,12 +64,13 @@ def _versions() -> dict:
 def cache_key(model: torch.nn.Module, dataset, settings: dict, collator=None) -> str:
     """Everything the cached numbers depend on: the model and its weights, attention implementation and
     dtype, the data, the batch layout (packed or not), the settings and the library versions."""
-    config = getattr(model, "config", None)
+    inner = unwrap(model)
+    config = getattr(inner, "config", None)
     parts = {
-        "model": getattr(model, "name_or_path", type(model).__name__),
+        "model": getattr(inner, "name_or_path", type(inner).__name__),
         "revision": getattr(config, "_commit_hash", None),
-        "weights": weights_fingerprint(model),
-        "dtype": str(next(model.parameters()).dtype),
+        "weights": weights_fingerprint(inner),
+        "dtype": str(next(inner.parameters()).dtype),
         "attn_implementation": getattr(config, "_attn_implementation", None),
         "layout": type(collator).__name__ if collator is not None else None,
         "data": getattr(dataset, "_fingerprint", None),
@@ -74,47 +82,101 @@ def cache_key(model: torch.nn.Module, dataset, settings: dict, collator=None) ->
 
 
 @torch.no_grad()
-def compute_reference_logps(model, dataset, collator, *, batch_size: int, autocast=None) -> dict[str, torch.Tensor]:
-    loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, collate_fn=collator)
-    device = next(model.parameters()).device
+def score_reference(model, loader, n_rows: int, *, accelerator=None, autocast=None, packed: bool = True) -> dict[str, torch.Tensor]:
+    """{kind: [N]} reference log-probs of every pair, indexed by `row_index`, on every process.
+
+    `loader` is the (sharded) dataloader the policy trains on: each process scores the batches it will train
+    on, in the same composition — which is what makes bf16 values agree with the first epoch's — and the
+    results are gathered. `packed=False` scores a packed batch's unshared rows (a reference model of another
+    family may refuse the packed layout)."""
+    device = accelerator.device if accelerator is not None else next(unwrap(model).parameters()).device
     was_training = model.training
     model.eval()
-    out = {k: [] for k in KINDS}
+    values, rows = [], []
     try:
         for batch in loader:
             b = batch["row_index"].shape[0]
-            ctx = autocast() if autocast else torch.autocast(device.type, enabled=False)
-            with ctx:
-                lp = pair_logps(model, {k: v.to(device) for k, v in batch.items()})  # the collator's layout
-            for kind, values in (("sum", lp.sum), ("mean", lp.mean)):
-                out[f"chosen_{kind}"].append(values[:b].float().cpu())
-                out[f"rejected_{kind}"].append(values[b:].float().cpu())
+            batch = {k: v.to(device) for k, v in batch.items() if isinstance(v, torch.Tensor)}
+            if not packed:
+                batch = {k: v for k, v in batch.items() if not k.startswith("packed_")}
+            with autocast() if autocast else torch.autocast(device.type, enabled=False):
+                lp = pair_logps(model, batch)
+            values.append(torch.stack([lp.sum[:b], lp.sum[b:], lp.mean[:b], lp.mean[b:]], dim=1).float())
+            rows.append(batch["row_index"])
     finally:
         model.train(was_training)
-    return {k: torch.cat(v) if v else torch.zeros(0) for k, v in out.items()}
+    local = torch.cat(values) if values else torch.zeros(0, 4, device=device)
+    local_rows = torch.cat(rows) if rows else torch.zeros(0, dtype=torch.long, device=device)
+    if accelerator is not None and accelerator.num_processes > 1:
+        local = accelerator.pad_across_processes(local, dim=0, pad_index=float("nan"))
+        local_rows = accelerator.pad_across_processes(local_rows, dim=0, pad_index=-1)
+        local, local_rows = accelerator.gather(local), accelerator.gather(local_rows)
+    keep = local_rows >= 0
+    local, local_rows = local[keep].cpu(), local_rows[keep].cpu()
+    table = torch.full((int(local_rows.max()) + 1 if len(local_rows) else 0, 4), float("nan"))
+    table[local_rows] = local  # a pair a sampler repeated (to even out the processes) gets the same values
+    if len(torch.unique(local_rows)) != n_rows:
+        raise RuntimeError(f"reference pass scored {len(torch.unique(local_rows))} of {n_rows} pairs")
+    return {kind: table[:, i].contiguous() for i, kind in enumerate(KINDS)}
 
 
-def with_reference_logps(model, dataset, collator, *, batch_size: int, settings: dict, cache_dir=None, autocast=None):
-    """The dataset with columns ref_{chosen,rejected}_logps_{sum,mean}, from the cache when it has them."""
-    cache_dir = Path(cache_dir) if cache_dir else default_cache_dir()
+def _atomic_save(values: dict[str, torch.Tensor], path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
+    os.close(fd)
+    save_file(values, tmp)
+    os.replace(tmp, path)  # atomic: a killed run never leaves half a file
+
+
+def run_folder_file(output_dir, split: str) -> Path:
+    return Path(output_dir) / RUN_FOLDER / f"{split}.safetensors"
+
+
+class ReferenceTable:
+    """Reference log-probs looked up by the batch's `row_index` ({kind: [max row + 1]}, NaN where absent)."""
+
+    def __init__(self, values: dict[str, torch.Tensor]):
+        self.values = values
+
+    def lookup(self, row_index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(sums, means), each [2B]: chosen then rejected, on `row_index`'s device."""
+        rows = row_index.cpu()
+        n = self.values["chosen_sum"].shape[0]
+        if (rows >= n).any() or torch.isnan(self.values["chosen_sum"][rows.clamp(max=n - 1)]).any():
+            raise KeyError(f"no reference log-probs for some of rows {rows.tolist()[:10]}")
+        v = {k: t[rows].to(row_index.device) for k, t in self.values.items()}
+        return (torch.cat([v["chosen_sum"], v["rejected_sum"]]), torch.cat([v["chosen_mean"], v["rejected_mean"]]))
+
+
+def reference_table(model, loader, dataset, collator, *, split: str, output_dir, settings: dict,
+                    accelerator=None, autocast=None, cache_dir=None, resuming: bool = False,
+                    is_main: bool = True, packed: bool = True) -> tuple[ReferenceTable, dict]:
+    """The run folder's values for `split` when it has them; else the shared cache's; else computed now over
+    `loader`. Written to both (by the main process). A resumed run must find them in its run folder."""
+    own = run_folder_file(output_dir, split)
     key = cache_key(model, dataset, settings, collator)
-    path = cache_dir / f"{key}.safetensors"
-    if path.exists():
-        values = load_file(str(path))
-        log.info("reference log-probs: loaded %d pairs from %s", len(dataset), path)
-        reused = True
+    shared = (Path(cache_dir) if cache_dir else default_cache_dir()) / f"{key}.safetensors"
+    have_own, have_shared = own.exists(), shared.exists()
+    if accelerator is not None and accelerator.num_processes > 1:
+        # Agreed on every process: one that loads while another computes would leave the other in a collective.
+        seen = torch.tensor([have_own, have_shared], dtype=torch.float32, device=accelerator.device)
+        seen = accelerator.reduce(seen, reduction="sum") == accelerator.num_processes
+        have_own, have_shared = bool(seen[0]), bool(seen[1])
+    if have_own:
+        values, source = load_file(str(own)), "run folder"
+    elif resuming:
+        from .errors import PrefalignError
+
+        raise PrefalignError(f"resume: {own} is missing, and the reference log-probs cannot be recomputed from "
+                             "the trained weights; start the run again or use reference: model")
+    elif have_shared:
+        values, source = load_file(str(shared)), "cache"
     else:
-        values = compute_reference_logps(model, dataset, collator, batch_size=batch_size, autocast=autocast)
-        cache_dir.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=cache_dir, suffix=".tmp")
-        os.close(fd)
-        save_file(values, tmp)
-        os.replace(tmp, path)  # atomic: a killed run never leaves half a cache file
-        log.info("reference log-probs: computed %d pairs, cached at %s", len(dataset), path)
-        reused = False
-    if values["chosen_sum"].shape[0] != len(dataset):
-        raise RuntimeError(f"reference cache {path} has {values['chosen_sum'].shape[0]} pairs, expected {len(dataset)}")
-    for kind in KINDS:
-        side, agg = kind.split("_")
-        dataset = dataset.add_column(f"ref_{side}_logps_{agg}", values[kind].tolist())
-    return dataset, {"path": str(path), "reused": reused}
+        values = score_reference(model, loader, len(dataset), accelerator=accelerator, autocast=autocast, packed=packed)
+        source = "computed"
+        if is_main:
+            _atomic_save(values, shared)
+    if is_main and not have_own:
+        _atomic_save(values, own)
+    log.info("reference log-probs (%s): %s, %d pairs (%s)", split, source, len(dataset), shared)
+    return ReferenceTable(values), {"split": split, "source": source, "path": str(shared), "key": key}

@@ -195,7 +195,7 @@ def ready_model(cfg: PrefAlignConfig, model, tokenizer, data: PreparedData) -> i
 
 def build_trainer(cfg: PrefAlignConfig, model, tokenizer, data: PreparedData):
     from .data import PairCollator
-    from .modeling import PrefixSharedCollator, resolve_prefix_sharing
+    from .modeling import PrefixSharedCollator
     from .trainer import PreferenceTrainer
 
     pad = ready_model(cfg, model, tokenizer, data)
@@ -213,29 +213,14 @@ def build_trainer(cfg: PrefAlignConfig, model, tokenizer, data: PreparedData):
             revision=None if cfg.ref_model_name_or_path else cfg.model_revision,
             **_weights_kwargs(cfg),  # the policy's dtype: a first DPO loss of exactly log 2
         )
-    elif mode == "precomputed":
-        from .reference_cache import with_reference_logps
+    elif mode == "precomputed" and cfg.ref_model_name_or_path:
+        from .models import load_model
 
-        if cfg.ref_model_name_or_path:
-            from .models import load_model
-
-            reference = load_model(cfg.ref_model_name_or_path, trust_remote_code=cfg.trust_remote_code,
-                                   **_weights_kwargs(cfg)).to(next(model.parameters()).device)
-        else:
-            reference = model  # before training the policy is the reference: no second copy in memory
-        settings = {"max_length": cfg.max_length, "max_prompt_length": cfg.max_prompt_length,
-                    "truncation": cfg.truncation_mode, "bf16": cfg.bf16, "fp16": cfg.fp16}
-        autocast = _autocast(cfg, reference)  # the reference sees the precision the policy trains in
-
-        kw = dict(batch_size=cfg.per_device_eval_batch_size, settings=settings, cache_dir=cfg.ref_cache_dir, autocast=autocast)
-        ref_collator = collator
-        if cfg.prefix_sharing and not resolve_prefix_sharing(None, reference):
-            ref_collator = PairCollator(pad)  # a reference of another family may refuse the packed layout
-        train, info = with_reference_logps(reference, train, ref_collator, **kw)
-        data.report["reference_cache"] = info
-        if evals is not None:
-            evals, _ = with_reference_logps(reference, evals, ref_collator, **kw)
-        del reference
+        # Scored once when training begins (the trainer's reference pass), then freed.
+        ref_model = load_model(cfg.ref_model_name_or_path, trust_remote_code=cfg.trust_remote_code,
+                               **_weights_kwargs(cfg))
+    # reference: precomputed from the policy needs nothing here: the trainer scores the pairs when training
+    # begins, before the first update (reference_cache.py).
     return PreferenceTrainer(
         model,
         cfg,
@@ -298,6 +283,8 @@ def train(cfg: PrefAlignConfig, *, evaluate_before: bool = False) -> dict:
 
     summary = {"output_dir": str(out), "global_step": trainer.state.global_step, "train_seconds": train_seconds,
                "train_loss": result.training_loss, "data": data.report}
+    if trainer.reference_info:
+        summary["reference"] = trainer.reference_info
     if before is not None:
         summary["eval_before"] = before
     if data.eval is not None:

@@ -7,6 +7,8 @@ log-probs and whether it wants per-token means or sums. Everything else is `comp
 from __future__ import annotations
 
 import contextlib
+import logging
+import os
 from collections import defaultdict
 
 import torch
@@ -22,20 +24,22 @@ from .modeling import PrefixSharingRefused, packing_plan, pair_logps, resolve_pr
 from .modeling.packing import PrefixSharedCollator, packed_inputs, prefix_shared_logps
 from .spo import SPOCollator, SPOHead, all_degree_packed, all_degree_rows, spo_loss
 
-REF_COLUMNS = ("ref_chosen_logps_sum", "ref_rejected_logps_sum", "ref_chosen_logps_mean", "ref_rejected_logps_mean")
+log = logging.getLogger(__name__)
+
+AMAPO_POOL = 8  # pairs per micro-batch over all processes in the official AMaPO runs (2 per GPU x 4 GPUs)
 
 
 class TrainingCollator:
-    """Wraps the pair collator: precomputed reference log-probs ride along as [B] tensors, and with SPO the
-    batch gains its degraded-response rows."""
+    """Wraps the pair collator: with SPO the batch gains its degraded-response rows (packed into the pair's
+    row with prefix sharing, as extra rows without)."""
 
     def __init__(self, collator, spo=None):
         self.collator = collator
         self.spo = spo
 
     def __call__(self, rows: list[dict]) -> dict:
-        extra = {k: torch.tensor([r[k] for r in rows], dtype=torch.float32) for k in REF_COLUMNS if k in rows[0]}
-        pair_rows = [{k: v for k, v in r.items() if k not in REF_COLUMNS and not k.startswith("spo_")} for r in rows]
+        extra = {}
+        pair_rows = [{k: v for k, v in r.items() if not k.startswith("spo_")} for r in rows]
         spo = self.spo is not None and "spo_chosen_ids" in rows[0]
         if spo and isinstance(self.collator, PrefixSharedCollator):
             # The degraded completions share their pair's packed row (and prompt encoding).
@@ -68,16 +72,23 @@ def gather_variable(accelerator, t: torch.Tensor) -> torch.Tensor:
 
 
 class NonFiniteGradientGuard(TrainerCallback):
-    """A NaN/inf gradient stops the run naming the step and rows, or (on_nonfinite=skip) drops the step."""
+    """A NaN/inf gradient stops the run naming the step and rows, or (on_nonfinite=skip) drops the step.
+
+    The decision is agreed over processes (under FSDP each holds only its shard of the gradient), and with
+    fp16 it is left to the GradScaler, whose job is to skip the overflow steps a loss scale produces."""
 
     def __init__(self, trainer: PreferenceTrainer):
         self.trainer = trainer
 
     def on_pre_optimizer_step(self, args, state, control, model=None, **kwargs):
-        grads = [p.grad for p in self.trainer.model.parameters() if p.grad is not None]
-        if not grads:
+        if args.fp16:
             return
-        finite = torch.stack([torch.isfinite(g).all() for g in grads]).all()
+        acc = self.trainer.accelerator
+        grads = [p.grad for p in self.trainer.model.parameters() if p.grad is not None]
+        finite = torch.stack([torch.isfinite(g).all() for g in grads]).all() if grads else torch.tensor(True)
+        finite = finite.to(acc.device, torch.float32)
+        if acc.num_processes > 1:
+            finite = acc.reduce(finite, reduction="sum") == acc.num_processes
         if bool(finite):
             self.trainer._rows_since_step.clear()
             return
@@ -85,12 +96,15 @@ class NonFiniteGradientGuard(TrainerCallback):
         self.trainer._rows_since_step.clear()
         if args.on_nonfinite == "error":
             raise PrefalignError(
-                f"non-finite gradient at step {state.global_step + 1} (dataset rows {rows[:20]}); "
+                f"non-finite gradient at step {state.global_step + 1} (dataset rows {rows[:20]}"
+                f"{f' on process {args.process_index}' if acc.num_processes > 1 else ''}); "
                 "lower the learning rate or set on_nonfinite: skip"
             )
         for p in self.trainer.model.parameters():
             p.grad = None  # the optimizer skips parameters without a gradient
-        self.trainer._skipped["nonfinite_grad_steps"] += 1
+        if self.trainer.spo_head is not None:
+            self.trainer.spo_head.zero_grad(set_to_none=True)
+        self.trainer._skipped["nonfinite_grad_steps"] += 1 if args.process_index == 0 else 0
 
 
 class SPOHeadGradSync(TrainerCallback):
@@ -102,12 +116,37 @@ class SPOHeadGradSync(TrainerCallback):
 
     def on_pre_optimizer_step(self, args, state, control, **kwargs):
         acc = self.trainer.accelerator
+        if acc.num_processes == 1:
+            return
         for p in self.trainer.spo_head.parameters():
-            if p.grad is not None and acc.num_processes > 1:
-                p.grad = acc.reduce(p.grad, reduction="mean")
+            # Every rank takes part, a rank whose batches drew no SPO sample with zeros: a collective that
+            # depended on per-rank state would hang the others.
+            grad = p.grad if p.grad is not None else torch.zeros_like(p)
+            p.grad = acc.reduce(grad, reduction="mean")
 
     def on_optimizer_step(self, args, state, control, **kwargs):
         self.trainer.spo_head.zero_grad(set_to_none=True)
+
+
+class _Lazy:
+    """An iterable that builds its dataloader only when iterated."""
+
+    def __init__(self, make):
+        self.make = make
+
+    def __iter__(self):
+        return iter(self.make())
+
+
+class ReferencePass(TrainerCallback):
+    """Reference log-probs (reference: precomputed) when training begins: after `accelerator.prepare`, before
+    the first update, so they come from the model as it trains (device, layout, precision, engine)."""
+
+    def __init__(self, trainer: PreferenceTrainer):
+        self.trainer = trainer
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self.trainer.prepare_reference(resuming=state.global_step > 0)
 
 
 class PreferenceTrainer(CrashSafeCheckpointing, Trainer):
@@ -119,6 +158,7 @@ class PreferenceTrainer(CrashSafeCheckpointing, Trainer):
         if args.use_spo:
             spo = SPOCollator(data_collator.pad_token_id, degrees=args.spo_degrees, samples=args.spo_samples, seed=args.seed)
         super().__init__(model=model, args=args, data_collator=TrainingCollator(data_collator, spo), **kwargs)
+        self._check_distributed_setup()
         self.spo_head = None
         if args.use_spo:
             hidden = self.accelerator.unwrap_model(model).config.hidden_size
@@ -140,6 +180,11 @@ class PreferenceTrainer(CrashSafeCheckpointing, Trainer):
                 pass
         if self.ref_mode == "model" and self.ref_model is None:
             raise PrefalignError(f"loss '{args.loss_type}' with reference=model needs a reference model")
+        self._ref_tables: dict[str, object] = {}  # split -> ReferenceTable (reference: precomputed)
+        self._scoring_split: str | None = None  # set while score() runs: which table its pairs use
+        self.reference_info: list[dict] = []
+        if self.ref_mode == "precomputed":
+            self.add_callback(ReferencePass(self))
         self._metrics = {"train": defaultdict(list), "eval": defaultdict(list)}
         self._alloc = {"train": [0.0, 0.0], "eval": [0.0, 0.0]}  # gradient weight on correct / all pairs
         self._skipped = defaultdict(int)
@@ -148,19 +193,65 @@ class PreferenceTrainer(CrashSafeCheckpointing, Trainer):
         self.add_callback(NonFiniteGradientGuard(self))
         self.add_callback(SigtermCheckpoint())
 
+    def _check_distributed_setup(self) -> None:
+        if self.is_deepspeed_enabled:
+            raise PrefalignError(
+                "DeepSpeed is not supported by prefalign yet (its frozen reference model and ZeRO-3's gathered "
+                "parameters are untested here); use FSDP (fsdp_version: 2) or DDP"
+            )
+        if os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true" and not self.is_fsdp_enabled:
+            log.warning("FSDP was asked for by the launcher, but accelerate shards only on GPUs/accelerators: this "
+                        "CPU run trains as DDP (every process holds the whole model; same results)")
+        pool = self.args.per_device_train_batch_size * self.accelerator.num_processes
+        if self.args.loss_type == "amapo" and pool < AMAPO_POOL:
+            log.warning(
+                "AMaPO's margin statistics (mu, s) come from one micro-batch over all processes: %d pairs here "
+                "(the official runs pooled %d; at 1 pair the margin is always 0). Raise per_device_train_batch_size "
+                "to %d / processes; gradient accumulation does not pool pairs", pool, AMAPO_POOL, AMAPO_POOL,
+            )
+
     # -- autocast also around our own head/log-softmax code, not only model.forward -------------------
     def autocast_smart_context_manager(self, cache_enabled: bool | None = True):
         return self.accelerator.autocast() if self.args.bf16 or self.args.fp16 else contextlib.nullcontext()
 
     # -- reference log-probs --------------------------------------------------------------------------
+    def prepare_reference(self, *, resuming: bool = False) -> None:
+        """Reference log-probs of the train and eval pairs (reference: precomputed), once per run; see
+        `reference_cache`. The reference is `ref_model` when one was given, else the policy before training."""
+        if self.ref_mode != "precomputed" or "train" in self._ref_tables:
+            return
+        from .reference_cache import reference_table
+
+        model = self.ref_model if self.ref_model is not None else self.model_wrapped
+        packed = self.args.prefix_sharing and (self.ref_model is None or self._ref_packed)
+        a = self.args
+        settings = {"max_length": a.max_length, "max_prompt_length": a.max_prompt_length, "truncation": a.truncation_mode,
+                    "bf16": a.bf16, "fp16": a.fp16, "packed": packed, "seed": a.seed, "processes": a.world_size,
+                    "batch": [a.per_device_train_batch_size, a.per_device_eval_batch_size]}
+        kw = dict(output_dir=a.output_dir, settings=settings, accelerator=self.accelerator, packed=packed,
+                  autocast=self.autocast_smart_context_manager, cache_dir=a.ref_cache_dir, resuming=resuming,
+                  is_main=self.is_world_process_zero())
+        loaders = {"train": (self.train_dataset, self.get_train_dataloader)}
+        if self.eval_dataset is not None:
+            loaders["eval"] = (self.eval_dataset, lambda: self.get_eval_dataloader(self.eval_dataset))
+        for split, (dataset, make_loader) in loaders.items():
+            # The loader is built lazily inside only when the values must be computed.
+            table, info = reference_table(model, _Lazy(make_loader), dataset, self.data_collator.collator,
+                                          split=split, **kw)
+            self._ref_tables[split] = table
+            self.reference_info.append(info)
+        if self.ref_model is not None:
+            self.ref_model = None  # precomputed: no second model in memory while training
+
     def reference_logps(self, model, batch: dict) -> tuple[torch.Tensor, torch.Tensor] | None:
         """Summed and per-token mean reference log-probs, [2B] each (chosen then rejected), or None."""
         if self.ref_mode == "none":
             return None
         if self.ref_mode == "precomputed":
-            if "ref_chosen_logps_sum" not in batch:
-                return None
-            return tuple(torch.cat([batch[f"ref_chosen_logps_{k}"], batch[f"ref_rejected_logps_{k}"]]) for k in ("sum", "mean"))
+            if not self._ref_tables and self.state.global_step == 0:
+                self.prepare_reference()  # a loss asked for before training began: the policy is the reference
+            table = self._ref_tables.get(self._scoring_split or "train")
+            return None if table is None else table.lookup(batch["row_index"])
         with torch.no_grad():
             if self.ref_mode == "adapter":
                 with self.accelerator.unwrap_model(model).disable_adapter():
@@ -239,14 +330,25 @@ class PreferenceTrainer(CrashSafeCheckpointing, Trainer):
         mode = "train" if model.training else "eval"
         loss, out, extra = self.pair_loss(model, inputs)
         rows = inputs["row_index"].tolist()
-        if not torch.isfinite(loss):
+        finite = bool(torch.isfinite(loss))
+        if self.accelerator.num_processes > 1:  # every rank decides the same, or the others would hang
+            bad = self.accelerator.reduce(torch.tensor(float(not finite), device=loss.device), reduction="sum")
+            finite_everywhere = bool(bad == 0)
+        else:
+            finite_everywhere = finite
+        if not finite_everywhere:
             if self.args.on_nonfinite == "error":
-                raise PrefalignError(
-                    f"non-finite loss ({loss.item()}) at step {self.state.global_step + 1}, dataset rows {rows[:20]}; "
-                    "check these rows or set on_nonfinite: skip"
-                )
-            self._skipped["nonfinite_loss_batches"] += 1
-            return loss.new_zeros((), requires_grad=True)
+                step = self.state.global_step + 1
+                what = f"non-finite loss ({loss.item()}) at step {step}, dataset rows {rows[:20]}" if not finite \
+                    else f"non-finite loss at step {step} on another process"
+                raise PrefalignError(f"{what}; check these rows or set on_nonfinite: skip")
+            if not finite:
+                self._skipped["nonfinite_loss_batches"] += 1
+            if mode == "train":
+                self._rows_since_step.update(rows)
+            # The backward still runs (DDP/FSDP need every rank's), its non-finite gradient makes the
+            # gradient guard drop the whole step on every rank.
+            return (loss, out) if return_outputs else loss
         if mode == "train":
             self._rows_since_step.update(rows)
         store = self._metrics[mode]
@@ -261,26 +363,40 @@ class PreferenceTrainer(CrashSafeCheckpointing, Trainer):
     def log(self, logs: dict, start_time: float | None = None) -> None:
         mode = "train" if "loss" in logs else "eval" if any(k.startswith("eval_") for k in logs) else None
         if mode == "train":
-            logs.update(self._collect(mode))
-        if self._skipped:
-            logs.update({f"skipped/{k}": v for k, v in self._skipped.items()})
+            logs.update(self._collect(mode))  # skip counts included, summed over processes
         super().log(logs, start_time)
 
     def _collect(self, mode: str) -> dict:
-        """Mean of each stored metric since the last log, over all processes; gradient shares from sums."""
+        """Mean of each stored metric since the last log over all micro-batches of all processes; gradient
+        shares from summed weights; skip counts summed. One `all_gather_object` of a dict per rank: ranks may
+        hold different keys (an SPO metric only where a sample was drawn) without the collective depending on it."""
         store = self._metrics[mode]
-        keys = sorted(store)
-        local = [sum(store[k]) / len(store[k]) for k in keys] + self._alloc[mode]
-        vals = torch.tensor(local, dtype=torch.float64, device=self.accelerator.device)
+        local = {
+            "metrics": {k: (sum(v), len(v)) for k, v in store.items()},
+            "alloc": list(self._alloc[mode]),
+            "skipped": dict(self._skipped),
+        }
+        parts = [local]
         if self.accelerator.num_processes > 1:
-            gathered = self.accelerator.gather(vals[None]).view(self.accelerator.num_processes, -1)
-            vals = torch.cat([gathered[:, : len(keys)].mean(0), gathered[:, len(keys) :].sum(0)])
-        vals = vals.tolist()
-        out = {k: v for k, v in zip(keys, vals[: len(keys)])}
-        on_correct, total = vals[len(keys) :]
+            parts = [None] * self.accelerator.num_processes
+            torch.distributed.all_gather_object(parts, local)
+        totals: dict[str, list[float]] = {}
+        for part in parts:
+            for k, (total, count) in part["metrics"].items():
+                acc = totals.setdefault(k, [0.0, 0])
+                acc[0] += total
+                acc[1] += count
+        out = {k: total / count for k, (total, count) in sorted(totals.items()) if count}
+        on_correct = sum(p["alloc"][0] for p in parts)
+        total = sum(p["alloc"][1] for p in parts)
         if total > 0:
             out["grad/share_correct"] = on_correct / total
             out["grad/share_misranked"] = 1 - on_correct / total
+        skipped: dict[str, int] = {}
+        for part in parts:
+            for k, v in part["skipped"].items():
+                skipped[k] = skipped.get(k, 0) + v
+        out.update({f"skipped/{k}": v for k, v in skipped.items() if v})
         store.clear()
         self._alloc[mode] = [0.0, 0.0]
         return out
@@ -351,13 +467,19 @@ class PreferenceTrainer(CrashSafeCheckpointing, Trainer):
             return None if ref is None else ref[0]
 
         ds = eval_dataset if eval_dataset is not None else self.eval_dataset
+        if self.ref_mode == "precomputed" and self.state.global_step == 0:
+            self.prepare_reference()  # an evaluation before training: the policy is still the reference
+        self._scoring_split = "eval" if ds is self.eval_dataset else "other"  # no table for another dataset
         has_reference = self.ref_mode in ("model", "adapter") or (
-            self.ref_mode == "precomputed" and "ref_chosen_logps_sum" in ds.column_names
+            self.ref_mode == "precomputed" and self._scoring_split in self._ref_tables
         )
-        return score_pairs(
-            model,
-            dataloader,
-            reference=reference if has_reference else None,
-            gather=self.accelerator.gather_for_metrics if self.accelerator.num_processes > 1 else None,
-            autocast=self.autocast_smart_context_manager,
-        )
+        try:
+            return score_pairs(
+                model,
+                dataloader,
+                reference=reference if has_reference else None,
+                gather=self.accelerator.gather_for_metrics if self.accelerator.num_processes > 1 else None,
+                autocast=self.autocast_smart_context_manager,
+            )
+        finally:
+            self._scoring_split = None
