@@ -98,8 +98,10 @@ def main(model_dir: str, out_dir: str) -> None:
         tensors.update({f"grad.{name}": p.grad.contiguous() for name, p in model.named_parameters()})
     Path(out_dir).mkdir(parents=True, exist_ok=True)
     save_file(tensors, str(Path(out_dir) / f"rank{rank}.safetensors"))
-    accelerator.wait_for_everyone()
-    accelerator.end_training()
+    # No closing barrier: torch 2.13's gloo can deadlock when DDP's reducer is freed while its thread still
+    # destroys a finished barrier (seen once here, at interpreter exit). Free DDP, then the process group.
+    del ddp
+    torch.distributed.destroy_process_group()
 
 
 if __name__ == "__main__":

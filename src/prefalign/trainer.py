@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 import os
 from collections import defaultdict
 
@@ -36,11 +37,12 @@ class TrainingCollator:
     def __init__(self, collator, spo=None):
         self.collator = collator
         self.spo = spo
+        self.draw_spo = True  # off while scoring pairs: ranking accuracy needs no SPO samples
 
     def __call__(self, rows: list[dict]) -> dict:
         extra = {}
         pair_rows = [{k: v for k, v in r.items() if not k.startswith("spo_")} for r in rows]
-        spo = self.spo is not None and "spo_chosen_ids" in rows[0]
+        spo = self.spo is not None and self.draw_spo and "spo_chosen_ids" in rows[0]
         if spo and isinstance(self.collator, PrefixSharedCollator):
             # The degraded completions share their pair's packed row (and prompt encoding).
             completions, source, degree = self.spo.draw(rows)
@@ -138,6 +140,17 @@ class _Lazy:
         return iter(self.make())
 
 
+class SPOEpoch(TrainerCallback):
+    """SPO draws are a pure function of (seed, epoch, row, response): tell the sampler the epoch. transformers
+    calls this before it creates the epoch's dataloader iterator, so DataLoader workers get it too."""
+
+    def __init__(self, sampler):
+        self.sampler = sampler
+
+    def on_epoch_begin(self, args, state, control, **kwargs):
+        self.sampler.set_epoch(math.floor(state.epoch + 1e-6))  # a resumed run restarts inside its epoch
+
+
 class ReferencePass(TrainerCallback):
     """Reference log-probs (reference: precomputed) when training begins: after `accelerator.prepare`, before
     the first update, so they come from the model as it trains (device, layout, precision, engine)."""
@@ -165,6 +178,7 @@ class PreferenceTrainer(CrashSafeCheckpointing, Trainer):
             torch.manual_seed(args.seed)
             self.spo_head = SPOHead(hidden, args.spo_degrees).to(self.args.device)
             self.add_callback(SPOHeadGradSync(self))
+            self.add_callback(SPOEpoch(spo))
         self.loss_is_scaled_for_ga = False  # our loss is a per-micro-batch mean
         self.model_accepts_loss_kwargs = False
         self.spec = args.loss_spec
@@ -301,11 +315,24 @@ class PreferenceTrainer(CrashSafeCheckpointing, Trainer):
             nll = -lp.sum[:b].sum() / lp.n_tokens[:b].sum().clamp(min=1)
             loss = loss + self.args.sft_weight * nll
             extra["sft_loss"] = nll.detach()
+        n_spo = self._global_spo_samples(batch) if self.spo_head is not None and model.training else None
         if spo:
             aux, spo_metrics = spo_loss(self.spo_head, lp.hidden_mean[batch["spo_source"]], batch["spo_degrees"])
+            if n_spo is not None:
+                # The mean over every process's samples (ranks may draw different numbers of them), as one
+                # process would take it: DDP/FSDP average the gradients over processes, hence the factor.
+                aux = aux * len(batch["spo_degrees"]) * self.accelerator.num_processes / n_spo
             loss = loss + self.args.spo_weight * aux
             extra.update(spo_metrics)
         return loss, out, extra
+
+    def _global_spo_samples(self, batch: dict) -> int:
+        """SPO samples of this micro-batch over all processes (every rank takes part, with 0 if it has none)."""
+        degrees = batch.get("spo_degrees")
+        n = torch.tensor(0 if degrees is None else len(degrees), dtype=torch.float32, device=self.accelerator.device)
+        if self.accelerator.num_processes > 1:
+            n = self.accelerator.reduce(n, reduction="sum")
+        return max(int(n), 1)
 
     # -- the SPO head: optimised with the model, saved beside it -------------------------------------------
     def create_optimizer(self, model=None):
@@ -458,7 +485,16 @@ class PreferenceTrainer(CrashSafeCheckpointing, Trainer):
 
     def score(self, eval_dataset=None) -> list[dict]:
         """Per-pair records on the eval set (all processes gathered)."""
-        dataloader = self.get_eval_dataloader(eval_dataset)
+        if self.ref_mode == "precomputed" and self.state.global_step == 0:
+            self.prepare_reference()  # an evaluation before training: the policy is still the reference
+        self.data_collator.draw_spo = False  # read when the loader's iterator (and its workers) start
+        try:
+            dataloader = self.get_eval_dataloader(eval_dataset)
+            return self._score(dataloader, eval_dataset)
+        finally:
+            self.data_collator.draw_spo = True
+
+    def _score(self, dataloader, eval_dataset) -> list[dict]:
         model = self._wrap_model(self.model, training=False)
 
         def reference(batch):
@@ -467,8 +503,6 @@ class PreferenceTrainer(CrashSafeCheckpointing, Trainer):
             return None if ref is None else ref[0]
 
         ds = eval_dataset if eval_dataset is not None else self.eval_dataset
-        if self.ref_mode == "precomputed" and self.state.global_step == 0:
-            self.prepare_reference()  # an evaluation before training: the policy is still the reference
         self._scoring_split = "eval" if ds is self.eval_dataset else "other"  # no table for another dataset
         has_reference = self.ref_mode in ("model", "adapter") or (
             self.ref_mode == "precomputed" and self._scoring_split in self._ref_tables

@@ -1,31 +1,72 @@
 """Adds SPO samples to a batch of pairs: for each response with degraded versions, `spo_samples` degrees
 drawn at random. Degree 0 is the response itself, so its sample reuses the pair's own row (no extra compute);
 other degrees become extra rows prompt + degraded completion, or, with prefix sharing, extra completions
-packed after the pair's rejected one (see `prefix_sharing`)."""
+packed after the pair's rejected one (see `prefix_sharing`).
+
+Sampling is a pure function of (seed, epoch, row index, side, sample number) — `draw_degree` — and the
+collator holds no counter. So a run resumed from a checkpoint draws exactly what the uninterrupted run would
+have (given the epoch), each DataLoader worker's copy of the collator draws what the main process would, and
+the draws do not depend on which rows were drawn before or in which order. Within an epoch a row revisited
+(e.g. a repeated index) gets the same degrees; each epoch draws afresh. The trainer sets the epoch with
+`set_epoch` at each epoch start; with persistent DataLoader workers the workers keep the copy they were made
+with, so set it before their iterator is created (transformers' default, non-persistent workers, re-copy it
+every epoch).
+
+Evaluation draws from its own stream (`evaluation=True`, or `for_evaluation()` for an evaluation DataLoader):
+independent of the training draws, unable to change them (nothing is stored), and blind to the epoch, so
+every evaluation of a run scores the same samples and evaluations stay comparable. (Without the flag an
+evaluation still leaves training draws alone; it only shares their stream.)
+"""
 
 from __future__ import annotations
 
+import copy
 import random
-from collections import defaultdict
 
 import torch
 
 from ..data.collate import pad_sequences
 
 
+def draw_degree(
+    seed: int, epoch: int, row_index: int, side: str, sample: int, degrees: int, *, evaluation: bool = False
+) -> int:
+    """The degree of one SPO sample, uniform over 0…degrees−1, from its coordinates only.
+
+    A string seed goes through SHA-512 in `random.Random`, so the draw is the same in every process and
+    Python version that keeps that seeding (not affected by PYTHONHASHSEED). Evaluation uses its own stream
+    and no epoch."""
+    where = f"eval:{seed}" if evaluation else f"train:{seed}:{epoch}"
+    return random.Random(f"spo:{where}:{row_index}:{side}:{sample}").randrange(degrees)
+
+
 class SPOCollator:
-    def __init__(self, pad_token_id: int, *, degrees: int, samples: int = 1, seed: int = 0):
+    def __init__(self, pad_token_id: int, *, degrees: int, samples: int = 1, seed: int = 0, evaluation: bool = False):
         self.pad_token_id = pad_token_id
         self.degrees = degrees
         self.samples = samples
         self.seed = seed
-        self._visits: dict[int, int] = defaultdict(int)
+        self.evaluation = evaluation
+        self.epoch = 0
 
-    def _rng(self, row_index: int) -> random.Random:
-        # Deterministic per row and visit: the same run draws the same degrees.
-        visit = self._visits[row_index]
-        self._visits[row_index] += 1
-        return random.Random(f"{self.seed}:{row_index}:{visit}")
+    def set_epoch(self, epoch: int) -> None:
+        """Draw the training samples of `epoch` from now on (the trainer calls this at each epoch start)."""
+        if int(epoch) != epoch or epoch < 0:
+            raise ValueError(f"epoch must be a whole number >= 0, got {epoch!r}")
+        self.epoch = int(epoch)
+
+    def for_evaluation(self) -> SPOCollator:
+        """A copy drawing from the evaluation stream, for evaluation DataLoaders."""
+        other = copy.copy(self)
+        other.evaluation = True
+        return other
+
+    def degrees_for(self, row_index: int, side: str) -> list[int]:
+        """The `samples` degrees drawn for one response in the current epoch (or evaluation stream)."""
+        return [
+            draw_degree(self.seed, self.epoch, row_index, side, j, self.degrees, evaluation=self.evaluation)
+            for j in range(self.samples)
+        ]
 
     def draw(self, rows: list[dict]) -> tuple[list[list[list[int]]], torch.Tensor, torch.Tensor]:
         """Draw this batch's SPO samples. Returns each row's degraded completions to run (degree > 0), and for
@@ -36,13 +77,11 @@ class SPOCollator:
         n_extra = 0
         source, degree = [], []
         for i, row in enumerate(rows):
-            rng = self._rng(int(row["row_index"]))
             for side_offset, side in ((0, "chosen"), (b, "rejected")):
                 versions = row.get(f"spo_{side}_ids") or []
                 if not versions:
                     continue
-                for _ in range(self.samples):
-                    d = rng.randrange(self.degrees)
+                for d in self.degrees_for(int(row["row_index"]), side):
                     degree.append(d)
                     if d == 0:
                         source.append(side_offset + i)
