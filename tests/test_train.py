@@ -110,6 +110,24 @@ def test_eval_json_on_a_trained_run(stories260k, hh_small, tmp_path, capsys):
     assert result["ranking_accuracy"] == sum(p["delta"] > 0 for p in per_pair) / 6
 
 
+def test_eval_of_a_run_folder_scores_as_the_run_did(stories260k, hh_small, tmp_path, capsys):
+    """`prefalign eval RUN` takes the run's lengths and format: it reproduces the run's own eval_results.json."""
+    out = tmp_path / "run"
+    train(_cfg(stories260k, hh_small, out, "--max_steps", "1", "--eval_dataset", str(hh_small),
+               "--max_eval_samples", "6", "--max_length", "80", "--max_prompt_length", "40"))
+    capsys.readouterr()
+    assert cli_main(["eval", "--model", str(out), "--dataset", str(hh_small), "--json", "--limit", "6"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["settings"]["max_length"] == 80 and result["settings"]["max_prompt_length"] == 40
+    saved = json.loads((out / "eval_results.json").read_text())
+    assert result["n_pairs"] == saved["n_pairs"] == 6
+    assert result["ranking_accuracy"] == saved["ranking_accuracy"]
+    assert abs(result["mean_delta"] - saved["mean_delta"]) < 1e-5
+    assert cli_main(["eval", "--model", str(out), "--dataset", str(hh_small), "--json", "--limit", "6",
+                     "--max-length", "64"]) == 0  # a flag still overrides the run's setting
+    assert json.loads(capsys.readouterr().out)["settings"]["max_length"] == 64
+
+
 def test_precomputed_reference_equals_live_reference(stories260k, hh_small, tmp_path):
     from transformers import AutoModelForCausalLM
 
@@ -207,3 +225,21 @@ def test_group_by_length_batches_pairs_of_similar_length(prefix_sharing, stories
     trainer.train()
     indices = [r["index"] for r in trainer.score()]
     assert indices == sorted(indices) and len(indices) == 8  # evaluation records come back in dataset order
+
+
+def test_resumed_run_reads_its_reference_from_the_run_folder(stories260k, hh_small, tmp_path, capsys):
+    """A resumed policy has trained weights: its reference log-probs come from the run folder, never recomputed."""
+    from prefalign.reference_cache import run_folder_file
+
+    out = tmp_path / "run"
+    flags = ["--loss_type", "dpo", "--save_steps", "1", "--save_strategy", "steps", "--ref_cache_dir", str(tmp_path / "c")]
+    train(_cfg(stories260k, hh_small, out, "--max_steps", "1", *flags))
+    assert run_folder_file(out, "train").is_file()
+    summary = train(_cfg(stories260k, hh_small, out, "--max_steps", "2", "--resume_from_checkpoint", "latest", *flags))
+    assert summary["global_step"] == 2 and [r["source"] for r in summary["reference"]] == ["run folder"]
+    run_folder_file(out, "train").unlink()
+    capsys.readouterr()
+    code = cli_main(["train", "--model_name_or_path", str(stories260k), "--dataset", str(hh_small), "--output_dir",
+                     str(out), *COMMON, "--max_steps", "3", "--resume_from_checkpoint", "latest", *flags])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code != 0 and err[-1].startswith("prefalign: error: resume: ") and "cannot be recomputed" in err[-1]

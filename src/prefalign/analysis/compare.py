@@ -24,7 +24,8 @@ def add_parser(sub) -> None:
                    help="evaluate each run's final model on DATASET instead of using its saved eval results")
     p.add_argument("--out", required=True, metavar="DIR", help="folder for report.md, report.html and the plots")
     p.add_argument("--labels", default=None, help="comma-separated run names, one per RUN_DIR (default: the loss)")
-    p.add_argument("--max-length", type=int, default=512, help="with --eval: max tokens per prompt+completion")
+    p.add_argument("--max-length", type=int, default=None,
+                   help="with --eval: max tokens per prompt+completion (default: each run's own)")
     p.add_argument("--batch-size", type=int, default=8, help="with --eval: pairs per forward pass")
     p.add_argument("--limit", type=int, default=None, help="with --eval: the first N pairs only")
     p.set_defaults(func=run)
@@ -45,7 +46,7 @@ def run(args) -> int:
     return 0
 
 
-def evaluate_runs(runs, dataset: str, *, max_length: int, batch_size: int, limit: int | None) -> None:
+def evaluate_runs(runs, dataset: str, *, max_length: int | None, batch_size: int, limit: int | None) -> None:
     """Replace each run's held-out results by a fresh evaluation of its final model on `dataset`."""
     from .. import eval_cli
     from .runs import HeldOut
@@ -64,7 +65,7 @@ def compare(
     *,
     labels: list[str] | None = None,
     eval_dataset: str | None = None,
-    max_length: int = 512,
+    max_length: int | None = None,
     batch_size: int = 8,
     limit: int | None = None,
 ) -> Path:
