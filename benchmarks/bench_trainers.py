@@ -144,10 +144,10 @@ def _prefalign_tokens(batch):
 def _child_prefalign(spec: dict, rec: _Recorder):
     import torch
 
-    from prefalign import reference_cache
     from prefalign.config import load_config
     from prefalign.models import load_model, load_tokenizer
-    from prefalign.run import build_trainer, prepare_data
+    from prefalign.training import reference as reference_cache
+    from prefalign.training.pipeline import build_trainer, prepare_data
 
     _, loss, spo, ps = TRAINERS[spec["trainer"]]
     overrides = {

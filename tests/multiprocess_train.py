@@ -13,7 +13,7 @@ import sys
 
 
 def poison(rank: int, step: int) -> None:
-    from prefalign.trainer import PreferenceTrainer
+    from prefalign.training.trainer import PreferenceTrainer
 
     original = PreferenceTrainer.pair_loss
 

@@ -75,7 +75,7 @@ def main(model_dir: str, out_dir: str) -> None:
 
     from prefalign.data import PairCollator
     from prefalign.models import load_model, load_tokenizer
-    from prefalign.trainer import gather_variable
+    from prefalign.training.distributed import gather_variable
 
     accelerator = Accelerator(cpu=True)
     rank, world = accelerator.process_index, accelerator.num_processes

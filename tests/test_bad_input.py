@@ -76,8 +76,8 @@ PRELOAD = [
     "peft",
     "transformers.models.llama.modeling_llama",
     "prefalign.config",
-    "prefalign.run",
-    "prefalign.trainer",
+    "prefalign.training.pipeline",
+    "prefalign.training.trainer",
     "prefalign.data.load",
     "prefalign.data.tokenize",
 ]

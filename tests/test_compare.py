@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
-import prefalign.eval_cli
+import prefalign.evaluate
 from prefalign.analysis.compare import compare
 from prefalign.analysis.findings import TABLE_HEADER, table_row
 from prefalign.analysis.runs import assign_labels, load_run
@@ -296,7 +296,7 @@ def test_eval_option_uses_evaluate_path(tmp_path, two_runs, monkeypatch):
         records = per_pair_records(50, 0.2 if "amapo" in model else -0.02, seed=len(calls))
         return {**summary_of(records), "model": model, "dataset": dataset}, records
 
-    monkeypatch.setattr(prefalign.eval_cli, "evaluate_path", fake_evaluate_path)
+    monkeypatch.setattr(prefalign.evaluate, "evaluate_path", fake_evaluate_path)
     out = tmp_path / "cmp"
     assert main(["compare", str(amapo), str(dpo), "--eval", "held.jsonl", "--out", str(out),
                  "--max-length", "256", "--batch-size", "4", "--limit", "50"]) == 0

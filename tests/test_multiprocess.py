@@ -19,7 +19,7 @@ import torch
 from conftest import shared_path
 from safetensors.torch import load_file
 
-from prefalign.metrics_log import read_metrics
+from prefalign.run_files import read_metrics
 
 HERE = Path(__file__).resolve().parent
 TIMEOUT = 240
@@ -170,7 +170,7 @@ def _single_process_run(data: Path, model: Path, out: Path, flags: list[str], po
     from multiprocess_train import poison as poison_step
 
     from prefalign.cli import main as cli_main
-    from prefalign.trainer import PreferenceTrainer
+    from prefalign.training.trainer import PreferenceTrainer
 
     original = PreferenceTrainer.pair_loss
     if poison:

@@ -24,11 +24,11 @@ from safetensors.torch import load_file
 from transformers import Trainer
 from transformers.trainer_utils import get_last_checkpoint, sort_checkpoints
 
-from prefalign.checkpointing import STAGING_PREFIX, publish, remove_staging_leftovers
 from prefalign.config import PrefAlignConfig, load_config
 from prefalign.errors import ConfigError, PrefalignError
-from prefalign.metrics_log import read_metrics
-from prefalign.run import train
+from prefalign.run_files import read_metrics
+from prefalign.training.checkpointing import STAGING_PREFIX, publish, remove_staging_leftovers
+from prefalign.training.pipeline import train
 
 # `python -m prefalign.cli ARGS`, plus a sleep at every step end when TEST_STEP_DELAY is set, so that a test
 # can reliably signal the process in the middle of training. Sleeping changes no number.
@@ -38,7 +38,7 @@ LAUNCHER = textwrap.dedent(
     delay = float(os.environ.get("TEST_STEP_DELAY", "0"))
     if delay:
         from transformers import TrainerCallback
-        import prefalign.trainer as trainer_module
+        import prefalign.training.trainer as trainer_module
 
         class Slow(TrainerCallback):
             def on_step_end(self, args, state, control, **kwargs):
@@ -279,7 +279,7 @@ def test_sigterm_saves_a_checkpoint_and_exits_cleanly(hh8, tmp_path):
 def _poison_gradients(monkeypatch, at_steps):
     """After backward on the micro-batches of the given steps, put an inf in one gradient (the loss stays
     finite, so only NonFiniteGradientGuard can notice). Returns the row_index lists it poisoned, per step."""
-    from prefalign.trainer import PreferenceTrainer
+    from prefalign.training.trainer import PreferenceTrainer
 
     original = PreferenceTrainer.training_step
     rows: dict[int, list[int]] = {}
@@ -358,7 +358,7 @@ def test_yaml_with_a_python_tag_is_a_one_line_config_error(tmp_path):
 def test_remote_code_is_off_and_weights_load_from_safetensors(monkeypatch):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from prefalign.run import load_policy
+    from prefalign.training.pipeline import load_policy
 
     assert PrefAlignConfig(output_dir="x").trust_remote_code is False
     cfg = load_config(None, ["--model_name_or_path", str(shared_path("models", "stories260K"))])
@@ -380,7 +380,7 @@ def test_remote_code_is_off_and_weights_load_from_safetensors(monkeypatch):
 def test_resume_drops_the_metrics_rows_logged_after_the_checkpoint(tmp_path):
     from types import SimpleNamespace
 
-    from prefalign.metrics_log import MetricsFileCallback
+    from prefalign.training.callbacks import MetricsFileCallback
 
     path = tmp_path / "metrics.jsonl"
     rows = [{"step": 0, "eval_ranking_accuracy": 0.5}, *({"step": s, "loss": 1.0 / s} for s in (1, 2, 3, 4))]

@@ -175,7 +175,7 @@ COMMON = ["--use_cpu", "--report_to", "none", "--save_strategy", "no", "--per_de
 
 
 def _trainer(stories, data, tmp_path, *extra):
-    from prefalign.run import build_trainer, load_policy, prepare_data
+    from prefalign.training.pipeline import build_trainer, load_policy, prepare_data
 
     cfg = load_config(None, ["--model_name_or_path", str(stories), "--dataset", str(data),
                              "--output_dir", str(tmp_path / "run"), "--ref_cache_dir", str(tmp_path / "cache"),
@@ -267,7 +267,7 @@ def test_gradients_reach_the_model_and_the_head(stories260k, hh_file, tmp_path):
 
 
 def test_degree_accuracy_rises_well_above_chance(stories260k, hh_file, tmp_path):
-    from prefalign.run import train
+    from prefalign.training.pipeline import train
 
     cfg = load_config(None, ["--model_name_or_path", str(stories260k), "--dataset", str(hh_file),
                              "--eval_dataset", str(hh_file), "--max_eval_samples", "24",

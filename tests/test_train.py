@@ -12,8 +12,8 @@ from conftest import shared_path
 from prefalign.cli import main as cli_main
 from prefalign.config import load_config
 from prefalign.losses import LOSSES
-from prefalign.metrics_log import read_metrics
-from prefalign.run import train
+from prefalign.run_files import read_metrics
+from prefalign.training.pipeline import train
 
 COMMON = [
     "--use_cpu", "--report_to", "none", "--save_strategy", "no", "--logging_steps", "1",
@@ -133,8 +133,8 @@ def test_precomputed_reference_equals_live_reference(stories260k, hh_small, tmp_
 
     from prefalign.modeling import sequence_logps
     from prefalign.models import load_tokenizer
-    from prefalign.reference_cache import run_folder_file
-    from prefalign.run import build_trainer, load_policy, prepare_data
+    from prefalign.training.pipeline import build_trainer, load_policy, prepare_data
+    from prefalign.training.reference import run_folder_file
 
     cfg = _cfg(stories260k, hh_small, tmp_path / "run", "--loss_type", "dpo", "--max_train_samples", "6",
                "--ref_cache_dir", str(tmp_path / "cache"))
@@ -172,7 +172,7 @@ def test_lora_run_saves_an_adapter_that_eval_loads(stories260k, hh_small, tmp_pa
 
 def test_nonfinite_loss_stops_with_step_and_rows(stories260k, hh_small, tmp_path, monkeypatch):
     from prefalign.errors import PrefalignError
-    from prefalign.trainer import PreferenceTrainer
+    from prefalign.training.trainer import PreferenceTrainer
 
     original = PreferenceTrainer.pair_loss
 
@@ -190,7 +190,7 @@ def test_nonfinite_loss_stops_with_step_and_rows(stories260k, hh_small, tmp_path
 
 
 def test_prefix_sharing_gives_the_same_losses(stories260k, hh_small, tmp_path):
-    from prefalign.run import build_trainer, load_policy, prepare_data
+    from prefalign.training.pipeline import build_trainer, load_policy, prepare_data
 
     def loss_of(*extra):
         cfg = _cfg(stories260k, hh_small, tmp_path / "run", "--loss_type", "amapo", "--max_train_samples", "6", *extra)
@@ -206,7 +206,7 @@ def test_prefix_sharing_gives_the_same_losses(stories260k, hh_small, tmp_path):
 def test_group_by_length_batches_pairs_of_similar_length(prefix_sharing, stories260k, hh_small, tmp_path):
     from transformers.trainer_pt_utils import LengthGroupedSampler
 
-    from prefalign.run import build_trainer, load_policy, prepare_data
+    from prefalign.training.pipeline import build_trainer, load_policy, prepare_data
 
     cfg = _cfg(stories260k, hh_small, tmp_path / "run", "--loss_type", "simpo", "--max_steps", "2",
                "--train_sampling_strategy", "group_by_length", "--prefix_sharing", prefix_sharing,
@@ -229,7 +229,7 @@ def test_group_by_length_batches_pairs_of_similar_length(prefix_sharing, stories
 
 def test_resumed_run_reads_its_reference_from_the_run_folder(stories260k, hh_small, tmp_path, capsys):
     """A resumed policy has trained weights: its reference log-probs come from the run folder, never recomputed."""
-    from prefalign.reference_cache import run_folder_file
+    from prefalign.training.reference import run_folder_file
 
     out = tmp_path / "run"
     flags = ["--loss_type", "dpo", "--save_steps", "1", "--save_strategy", "steps", "--ref_cache_dir", str(tmp_path / "c")]

@@ -15,7 +15,7 @@ from model_families import tiny_model
 
 from prefalign.cli import main as cli_main
 from prefalign.config import load_config
-from prefalign.run import build_trainer, load_policy, prepare_data, train
+from prefalign.training.pipeline import build_trainer, load_policy, prepare_data, train
 
 COMMON = ["--use_cpu", "--report_to", "none", "--save_strategy", "no", "--logging_steps", "1",
           "--per_device_train_batch_size", "4", "--per_device_eval_batch_size", "4", "--max_length", "96",
@@ -121,13 +121,13 @@ def test_self_check_stops_a_run_on_wrong_log_probs(saved, hh_file, tmp_path, cap
 def test_bf16_training_keeps_fp32_master_weights(stories260k, hh_file, tmp_path, caplog):
     model, _ = load_policy(_cfg(stories260k, hh_file, tmp_path / "a", "--bf16", "true"))
     assert {p.dtype for p in model.parameters()} == {torch.float32}
-    with caplog.at_level(logging.WARNING, logger="prefalign.run"):
+    with caplog.at_level(logging.WARNING, logger="prefalign.training.pipeline"):
         model, _ = load_policy(_cfg(stories260k, hh_file, tmp_path / "b", "--bf16", "true", "--dtype", "bfloat16",
                                     "--learning_rate", "1e-6"))
     assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
     warned = [r.getMessage() for r in caplog.records if "training bfloat16 weights directly" in r.getMessage()]
     assert len(warned) == 1 and "1e-06" in warned[0] and "\n" not in warned[0]
-    with caplog.at_level(logging.WARNING, logger="prefalign.run"):
+    with caplog.at_level(logging.WARNING, logger="prefalign.training.pipeline"):
         caplog.clear()
         load_policy(_cfg(stories260k, hh_file, tmp_path / "c", "--dtype", "bfloat16", "--use_peft", "--lora_r", "2"))
     assert not [r for r in caplog.records if "weights directly" in r.getMessage()]  # LoRA trains fp32 adapters
@@ -163,7 +163,7 @@ def test_first_dpo_loss_is_log_2_in_every_layout_and_precision(precision, packed
     under its autocast: before any update policy and reference agree, so DPO's first loss is log 2 — in bf16
     too (scored in other batches, bf16 rows round differently: 8e-4 off here; the bug this guards against,
     an unshared fp32 reference for a packed bf16 policy, was 2.2e-3 off)."""
-    from prefalign.metrics_log import read_metrics
+    from prefalign.run_files import read_metrics
 
     out = tmp_path / "run"
     train(_cfg(stories260k, hh_file, out, "--loss_type", "dpo", "--max_steps", "1", "--prefix_sharing", packed,

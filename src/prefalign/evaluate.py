@@ -15,6 +15,7 @@ from collections.abc import Callable, Iterable
 import torch
 
 from .modeling import pair_logps
+from .run_files import CONFIG_FILE, write_jsonl
 
 # Buckets of |Δ| (nats per token): where confident mistakes show up.
 MARGIN_BUCKETS = (0.0, 0.05, 0.1, 0.25, 0.5, 1.0, math.inf)
@@ -112,9 +113,7 @@ def accuracy_by_margin_bucket(records: list[dict]) -> list[dict]:
 
 
 def write_per_pair(records: list[dict], path) -> None:
-    with open(path, "w", encoding="utf-8") as f:
-        for r in records:
-            f.write(json.dumps(r) + "\n")
+    write_jsonl(records, path)
 
 
 def format_summary(summary: dict) -> str:
@@ -132,3 +131,108 @@ def format_summary(summary: dict) -> str:
             hi = "inf" if b["abs_delta_max"] is None else f"{b['abs_delta_max']:g}"
             lines.append(f"  [{b['abs_delta_min']:g}, {hi}): {b['accuracy']:.3f} of {b['n_pairs']}")
     return "\n".join(lines)
+
+
+# What `prefalign eval` takes from a run folder's prefalign_config.json when not given: the run is scored as
+# it was scored during training (same lengths, data format and precision).
+RUN_SETTINGS = {"max_length": 512, "max_prompt_length": 256, "truncation_mode": "keep_end", "data_format": "auto",
+                "chat_template": None, "columns": None, "bf16": False, "dtype": "float32", "attn_implementation": None}
+
+
+def run_settings(model: str, given: dict) -> dict:
+    """`given` (None = not given) completed from `model`'s prefalign_config.json when it is a run folder,
+    else from the defaults in RUN_SETTINGS."""
+    import os
+    from pathlib import Path
+
+    saved = {}
+    config = Path(os.path.expanduser(model)) / CONFIG_FILE
+    if config.is_file():
+        saved = json.loads(config.read_text(encoding="utf-8"))
+    return {k: given[k] if given.get(k) is not None else saved.get(k, default) for k, default in RUN_SETTINGS.items()}
+
+
+def evaluate_path(
+    model: str,
+    dataset: str,
+    *,
+    split=None,
+    dataset_config=None,
+    columns=None,
+    data_format=None,
+    chat_template=None,
+    reference=None,
+    gguf_file=None,
+    trust_remote_code=False,
+    max_length=None,
+    max_prompt_length=None,
+    truncation_mode=None,
+    batch_size=8,
+    limit=None,
+    bf16=None,
+    dtype=None,
+    attn_implementation=None,
+    prefix_sharing: bool | None = None,
+) -> tuple[dict, list[dict]]:
+    """Summary and per-pair records of `model` on `dataset` (one process, on the GPU when there is one).
+    Settings left as None come from `model`'s own prefalign_config.json when it is a run folder."""
+    import contextlib
+
+    import torch
+    from torch.utils.data import DataLoader
+
+    from .data import PairCollator, load_preference_data, tokenize_pairs
+    from .modeling import (
+        PrefixSharedCollator,
+        check_fast_path,
+        pair_logps,
+        resolve_prefix_sharing,
+        usable_pad_id,
+    )
+    from .models import load_model, load_tokenizer
+
+    given = dict(max_length=max_length, max_prompt_length=max_prompt_length, truncation_mode=truncation_mode,
+                 data_format=data_format, chat_template=chat_template, columns=columns, bf16=bf16, dtype=dtype,
+                 attn_implementation=attn_implementation)
+    st = run_settings(model, given)
+    kw = dict(gguf_file=gguf_file, trust_remote_code=trust_remote_code)
+    weights = dict(dtype=st["dtype"], attn_implementation=st["attn_implementation"])
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    tokenizer = load_tokenizer(model, **kw)
+    policy = load_model(model, **kw, **weights).to(device)
+    pdata = load_preference_data(
+        dataset, tokenizer=tokenizer, split=split, config_name=dataset_config, columns=st["columns"],
+        data_format=st["data_format"], chat_template=st["chat_template"],
+    )
+    ds = pdata.dataset if limit is None else pdata.dataset.select(range(min(limit, len(pdata.dataset))))
+    tok, tok_skipped = tokenize_pairs(ds, tokenizer, max_length=st["max_length"], max_prompt_length=st["max_prompt_length"],
+                                      truncation_mode=st["truncation_mode"])
+    autocast = (lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if st["bf16"] else contextlib.nullcontext
+    packed = resolve_prefix_sharing(prefix_sharing, policy)
+    ref_model = None
+    if reference:
+        ref_model = load_model(reference, trust_remote_code=trust_remote_code, **weights).to(device).eval()
+        packed = packed and resolve_prefix_sharing(None, ref_model)  # both score the same batches
+    pad = usable_pad_id(policy, tokenizer)
+    rows = [{k: tok[i][k] for k in ("prompt_input_ids", "chosen_input_ids", "rejected_input_ids", "row_index")}
+            for i in range(min(2, len(tok)))]
+    for scored in (policy, ref_model) if ref_model is not None and rows else (policy,) if rows else ():
+        check_fast_path(scored, rows, pad, prefix_sharing=packed, autocast=autocast)
+    collator = PrefixSharedCollator(pad, keep_unshared=False) if packed else PairCollator(pad)
+    loader = DataLoader(tok, batch_size=batch_size, shuffle=False,
+                        collate_fn=lambda rows: {k: v.to(device) for k, v in collator(rows).items()})
+    ref_fn = None
+    if ref_model is not None:
+
+        def ref_fn(batch):
+            with autocast():
+                return pair_logps(ref_model, batch).sum
+
+    records = score_pairs(policy, loader, reference=ref_fn, autocast=autocast)
+    summary = summarize(records)
+    skipped = {**pdata.skipped}
+    for k, v in tok_skipped.items():
+        skipped[k] = skipped.get(k, 0) + v
+    summary.update({"model": model, "dataset": dataset, "format": pdata.format, "n_rows": pdata.n_rows, "skipped": skipped,
+                    "settings": st})
+    return summary, records

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from itertools import combinations
 
+from ..run_files import EVAL_RANKING_ACCURACY
 from .report import DASH, duration, interval, num, signed
 from .runs import Run, uses_spo
 from .stats import finite, intervals_overlap, mean, quantile, wilson_interval
@@ -147,7 +148,7 @@ def accuracy_findings(runs: list[Run]) -> list[str]:
         parts = []
         if s := r.series("rewards/accuracies"):
             parts.append(f"train reward accuracy {_first_last(s)}")
-        if s := r.series("eval_ranking_accuracy"):
+        if s := r.series(EVAL_RANKING_ACCURACY):
             parts.append(f"held-out ranking accuracy during training {_first_last(s)} ({len(s)} evaluations)")
         if r.before is not None and (b := finite(r.before.get("ranking_accuracy"))) is not None:
             parts.append(f"held-out before training {num(b)}")

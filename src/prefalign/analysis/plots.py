@@ -16,6 +16,7 @@ from matplotlib.colors import to_hex
 from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 
+from ..run_files import EVAL_RANKING_ACCURACY
 from .runs import Run
 from .stats import quantile, wilson_interval
 
@@ -80,7 +81,7 @@ def plot_accuracy(runs: list[Run], colors: list[str]):
     drawn, finals = [], []
     any_train = any_held = False
     for r, c in zip(runs, colors):
-        train, held = r.series("rewards/accuracies"), r.series("eval_ranking_accuracy")
+        train, held = r.series("rewards/accuracies"), r.series(EVAL_RANKING_ACCURACY)
         any_train, any_held = any_train or bool(train), any_held or bool(held)
         ci = None
         if r.heldout is not None and r.heldout.correct is not None and r.global_step is not None:

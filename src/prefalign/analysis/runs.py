@@ -1,4 +1,4 @@
-"""Reading a training run directory (what `prefalign train` writes) into a `Run`.
+"""Reading a training run directory (what `prefalign train` writes; `run_files` names it) into a `Run`.
 
 Bad input — a missing directory, a missing metrics.jsonl, a file that is not JSON — raises a one-line
 PrefalignError naming the file (and line). Missing optional files and null or absent values are not
@@ -7,59 +7,24 @@ errors: they are left out of the tables and plots.
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..errors import PrefalignError
+from ..run_files import (
+    BEFORE_FILE,
+    CONFIG_FILE,
+    EVAL_FILE,
+    EVAL_RANKING_ACCURACY,
+    METRICS_FILE,
+    PER_PAIR_FILE,
+    SHARE_CORRECT,
+    SHARE_MISRANKED,
+    SUMMARY_FILE,
+    read_json_object,
+    read_jsonl,
+)
 from .stats import finite
-
-METRICS_FILE = "metrics.jsonl"
-CONFIG_FILE = "prefalign_config.json"
-EVAL_FILE = "eval_results.json"
-PER_PAIR_FILE = "eval_per_pair.jsonl"
-SUMMARY_FILE = "train_summary.json"
-BEFORE_FILE = "eval_before.json"
-
-_JSON_TYPES = {dict: "object", list: "array", str: "string", int: "number", float: "number", bool: "boolean"}
-
-
-def _json_type(obj) -> str:
-    return "null" if obj is None else _JSON_TYPES.get(type(obj), type(obj).__name__)
-
-
-def _read_text(path: Path) -> str:
-    try:
-        return path.read_text(encoding="utf-8")
-    except UnicodeDecodeError as e:
-        raise PrefalignError(f"{path}: not UTF-8 text (byte {e.start})") from None
-    except OSError as e:
-        raise PrefalignError(f"{path}: cannot read ({e.strerror or e})") from None
-
-
-def read_json_object(path: Path) -> dict:
-    try:
-        obj = json.loads(_read_text(path))
-    except json.JSONDecodeError as e:
-        raise PrefalignError(f"{path}: invalid JSON at line {e.lineno}, column {e.colno} ({e.msg})") from None
-    if not isinstance(obj, dict):
-        raise PrefalignError(f"{path}: expected a JSON object, got {_json_type(obj)}")
-    return obj
-
-
-def read_jsonl(path: Path) -> list[dict]:
-    rows = []
-    for lineno, line in enumerate(_read_text(path).splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            obj = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise PrefalignError(f"{path}:{lineno}: invalid JSON ({e.msg} at column {e.colno})") from None
-        if not isinstance(obj, dict):
-            raise PrefalignError(f"{path}:{lineno}: expected a JSON object, got {_json_type(obj)}")
-        rows.append(obj)
-    return rows
 
 
 @dataclass
@@ -127,8 +92,8 @@ class Run:
 
     def misranked_share(self) -> list[tuple[int, float]]:
         """grad/share_misranked, or 1 − grad/share_correct where only that was logged."""
-        s = self.series("grad/share_misranked")
-        return s or [(step, 1.0 - v) for step, v in self.series("grad/share_correct")]
+        s = self.series(SHARE_MISRANKED)
+        return s or [(step, 1.0 - v) for step, v in self.series(SHARE_CORRECT)]
 
     @property
     def final_row(self) -> dict:
@@ -169,7 +134,7 @@ def _repeated_steps(rows: list[dict]) -> int:
 
 def _last_eval_row(rows: list[dict]) -> dict | None:
     for row in reversed(rows):
-        if finite(row.get("eval_ranking_accuracy")) is not None:
+        if finite(row.get(EVAL_RANKING_ACCURACY)) is not None:
             return row
     return None
 

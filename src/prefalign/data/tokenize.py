@@ -49,12 +49,12 @@ def tokenize_pairs(
 
 
 def _tokenize_batch(batch, *, tokenizer, limits):
-    prompts = _encode(tokenizer, batch["prompt"])
+    prompts = encode(tokenizer, batch["prompt"])
     completions = {
         side: [
-            _completion_ids(tokenizer, prompt_ids, full_ids, completion)
+            completion_ids(tokenizer, prompt_ids, full_ids, completion)
             for prompt_ids, full_ids, completion in zip(
-                prompts, _encode(tokenizer, [p + c for p, c in zip(batch["prompt"], batch[side])]), batch[side]
+                prompts, encode(tokenizer, [p + c for p, c in zip(batch["prompt"], batch[side])]), batch[side]
             )
         ]
         for side in ("chosen", "rejected")
@@ -71,14 +71,14 @@ def _tokenize_batch(batch, *, tokenizer, limits):
     return out
 
 
-def _encode(tokenizer, texts: list[str]) -> list[list[int]]:
+def encode(tokenizer, texts: list[str]) -> list[list[int]]:
     ids = tokenizer(texts, add_special_tokens=True)["input_ids"]
     # A chat template may write the BOS text itself, and the tokenizer add its own: keep one.
     bos = tokenizer.bos_token_id
     return [row[1:] if bos is not None and row[:2] == [bos, bos] else row for row in ids]
 
 
-def _completion_ids(tokenizer, prompt_ids: list[int], full_ids: list[int], completion: str) -> list[int]:
+def completion_ids(tokenizer, prompt_ids: list[int], full_ids: list[int], completion: str) -> list[int]:
     if full_ids[: len(prompt_ids)] == prompt_ids:
         ids = full_ids[len(prompt_ids) :]
     else:  # the boundary merged into one token: tokenize the completion alone

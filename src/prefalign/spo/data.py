@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from datasets import Dataset
 
-from ..data.tokenize import _completion_ids, _encode
+from ..data.tokenize import completion_ids, encode
 from .degrade import graded_versions, markup_tokens, split_markup
 
 SIDES = ("chosen", "rejected")
@@ -27,9 +27,9 @@ def _version_ids(tokenizer, prompt: str, versions: list[str], tail: str, *, whol
     `whole`: the intact completion kept its end (EOS); otherwise the versions lose their tail and EOS as it did."""
     if not whole:
         versions = [v[: len(v) - len(tail)] for v in versions]
-    full_prompt = _encode(tokenizer, [prompt])[0]
-    full = _encode(tokenizer, [prompt + v for v in versions])
-    ids = [_completion_ids(tokenizer, full_prompt, f, v) for f, v in zip(full, versions)]
+    full_prompt = encode(tokenizer, [prompt])[0]
+    full = encode(tokenizer, [prompt + v for v in versions])
+    ids = [completion_ids(tokenizer, full_prompt, f, v) for f, v in zip(full, versions)]
     if not whole:
         ids = [x[:-1] if x and x[-1] == tokenizer.eos_token_id else x for x in ids]
     return [x[:room] for x in ids]

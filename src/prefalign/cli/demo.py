@@ -8,7 +8,6 @@ measures learning.
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 from collections import defaultdict
@@ -64,15 +63,11 @@ def cpu_has_fast_bf16() -> bool:
     return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
-def _read_jsonl(path: Path) -> list[dict]:
-    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
-
-
 def run(args) -> int:
-    from .config import load_config
-    from .demo_task import write_demo_dataset
-    from .run import PER_PAIR_FILE
-    from .run import train as run_training
+    from ..config import load_config
+    from ..demo_task import write_demo_dataset
+    from ..run_files import BEFORE_PER_PAIR_FILE, PER_PAIR_FILE, read_jsonl
+    from ..training.pipeline import train as run_training
 
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
     # Keep the screen to the training bar and the result: no per-map / weight-loading progress bars.
@@ -97,10 +92,10 @@ def run(args) -> int:
     print(f"data: {args.n_train} training pairs, {args.n_test} held-out pairs (numbers unseen in training)")
     summary = run_training(cfg, evaluate_before=True)
 
-    tasks = [row["task"] for row in _read_jsonl(test_path)]
+    tasks = [row["task"] for row in read_jsonl(test_path)]
     before, after = summary["eval_before"], summary["eval"]
-    by_task_before = _by_task(_read_jsonl(out / "run" / "eval_before_per_pair.jsonl"), tasks)
-    by_task_after = _by_task(_read_jsonl(out / "run" / PER_PAIR_FILE), tasks)
+    by_task_before = _by_task(read_jsonl(out / "run" / BEFORE_PER_PAIR_FILE), tasks)
+    by_task_after = _by_task(read_jsonl(out / "run" / PER_PAIR_FILE), tasks)
     print()
     print(f"{'held-out (' + str(after['n_pairs']) + ' pairs)':<34}{'before':>10}{'after':>10}")
     print(f"{'ranking accuracy':<34}{before['ranking_accuracy']:>10.3f}{after['ranking_accuracy']:>10.3f}")

@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from .modeling import pair_logps, unwrap
+from ..modeling import pair_logps, unwrap
 
 log = logging.getLogger(__name__)
 
@@ -33,7 +33,7 @@ RUN_FOLDER = "reference_logps"  # inside output_dir: {split}.safetensors
 
 
 def default_cache_dir() -> Path:
-    from .models import cache_dir
+    from ..models import cache_dir
 
     return cache_dir() / "ref_logps"
 
@@ -120,6 +120,16 @@ def score_reference(model, loader, n_rows: int, *, accelerator=None, autocast=No
     return {kind: table[:, i].contiguous() for i, kind in enumerate(KINDS)}
 
 
+class LazyLoader:
+    """An iterable that builds its dataloader only when iterated (values found on disk need none)."""
+
+    def __init__(self, make):
+        self.make = make
+
+    def __iter__(self):
+        return iter(self.make())
+
+
 def _atomic_save(values: dict[str, torch.Tensor], path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
@@ -165,7 +175,7 @@ def reference_table(model, loader, dataset, collator, *, split: str, output_dir,
     if have_own:
         values, source = load_file(str(own)), "run folder"
     elif resuming:
-        from .errors import PrefalignError
+        from ..errors import PrefalignError
 
         raise PrefalignError(f"resume: {own} is missing, and the reference log-probs cannot be recomputed from "
                              "the trained weights; start the run again or use reference: model")

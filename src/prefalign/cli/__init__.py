@@ -13,11 +13,11 @@ import sys
 
 # (module, function) pairs; imported lazily so `prefalign --help` stays fast.
 COMMANDS = [
-    ("prefalign.train_cli", "add_parser"),
-    ("prefalign.eval_cli", "add_parser"),
-    ("prefalign.demo", "add_parser"),
-    ("prefalign.analysis.compare", "add_parser"),
-    ("prefalign.data.inspect", "add_parser"),
+    ("prefalign.cli.train", "add_parser"),
+    ("prefalign.cli.eval", "add_parser"),
+    ("prefalign.cli.demo", "add_parser"),
+    ("prefalign.cli.compare", "add_parser"),
+    ("prefalign.cli.data", "add_parser"),
 ]
 
 
@@ -37,7 +37,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from .errors import PrefalignError
+    from ..errors import PrefalignError
 
     argv = sys.argv[1:] if argv is None else argv
     parser = build_parser()

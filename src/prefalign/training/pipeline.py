@@ -1,26 +1,30 @@
-"""From a config to a trained model: tokenizer → data → model (+LoRA) → reference → trainer → save → eval.
+"""From a config to a trained model: tokenizer → data → model (+LoRA) → start-up checks → trainer → save → eval.
 
 This is what `prefalign train` and `prefalign demo` run.
 """
 
 from __future__ import annotations
 
-import json
 import logging
-import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from .config import PrefAlignConfig
-from .errors import PrefalignError
+from ..config import PrefAlignConfig
+from ..errors import PrefalignError
+from ..run_files import (
+    BEFORE_FILE,
+    BEFORE_PER_PAIR_FILE,
+    CONFIG_FILE,
+    DATA_REPORT_FILE,
+    EVAL_FILE,
+    PER_PAIR_FILE,
+    SUMMARY_FILE,
+    write_json,
+)
 
 log = logging.getLogger(__name__)
 
-CONFIG_FILE = "prefalign_config.json"
-DATA_REPORT_FILE = "data_report.json"
-EVAL_FILE = "eval_results.json"
-PER_PAIR_FILE = "eval_per_pair.jsonl"
 
 
 @dataclass
@@ -31,7 +35,7 @@ class PreparedData:
 
 
 def prepare_data(cfg: PrefAlignConfig, tokenizer) -> PreparedData:
-    from .data import load_preference_data, tokenize_pairs
+    from ..data import load_preference_data, tokenize_pairs
 
     report = {}
 
@@ -62,7 +66,7 @@ def prepare_data(cfg: PrefAlignConfig, tokenizer) -> PreparedData:
             skipped[k] = skipped.get(k, 0) + v
         report[name] = {"source": str(source), "format": pdata.format, "n_rows": pdata.n_rows, "n_pairs": len(tok), "skipped": skipped}
         if cfg.use_spo:
-            from .spo import add_spo_columns
+            from ..spo import add_spo_columns
 
             tok, spo_counts = add_spo_columns(
                 ds, tok, tokenizer, degrees=cfg.spo_degrees, spo_on=cfg.spo_on, max_length=cfg.max_length
@@ -125,14 +129,14 @@ def _warn_low_precision_weights(cfg: PrefAlignConfig, model) -> None:
 
 
 def load_tokenizer_for(cfg: PrefAlignConfig):
-    from .models import load_tokenizer
+    from ..models import load_tokenizer
 
     return load_tokenizer(cfg.model_name_or_path, **_model_kwargs(cfg))
 
 
 def load_policy(cfg: PrefAlignConfig, tokenizer=None):
     """The policy model (with LoRA adapters when use_peft) and its tokenizer."""
-    from .models import load_model
+    from ..models import load_model
 
     tokenizer = tokenizer or load_tokenizer_for(cfg)
     model = load_model(cfg.model_name_or_path, **_model_kwargs(cfg), **_weights_kwargs(cfg))
@@ -172,7 +176,7 @@ def ready_model(cfg: PrefAlignConfig, model, tokenizer, data: PreparedData) -> i
     chosen. Returns the pad id."""
     import contextlib
 
-    from .modeling import check_fast_path, resolve_prefix_sharing, usable_pad_id
+    from ..modeling import check_fast_path, resolve_prefix_sharing, usable_pad_id
 
     if not (cfg.fsdp or cfg.deepspeed or getattr(model, "hf_device_map", None)):
         model.to(cfg.device)  # the trainer does the same; the self-check and reference pass then run there
@@ -194,8 +198,8 @@ def ready_model(cfg: PrefAlignConfig, model, tokenizer, data: PreparedData) -> i
 
 
 def build_trainer(cfg: PrefAlignConfig, model, tokenizer, data: PreparedData):
-    from .data import PairCollator
-    from .modeling import PrefixSharedCollator
+    from ..data import PairCollator
+    from ..modeling import PrefixSharedCollator
     from .trainer import PreferenceTrainer
 
     pad = ready_model(cfg, model, tokenizer, data)
@@ -204,7 +208,7 @@ def build_trainer(cfg: PrefAlignConfig, model, tokenizer, data: PreparedData):
     ref_model = None
     train, evals = data.train, data.eval
     if mode == "model":
-        from .models import load_model
+        from ..models import load_model
 
         ref_model = load_model(
             cfg.ref_model_name_or_path or cfg.model_name_or_path,
@@ -214,13 +218,13 @@ def build_trainer(cfg: PrefAlignConfig, model, tokenizer, data: PreparedData):
             **_weights_kwargs(cfg),  # the policy's dtype: a first DPO loss of exactly log 2
         )
     elif mode == "precomputed" and cfg.ref_model_name_or_path:
-        from .models import load_model
+        from ..models import load_model
 
         # Scored once when training begins (the trainer's reference pass), then freed.
         ref_model = load_model(cfg.ref_model_name_or_path, trust_remote_code=cfg.trust_remote_code,
                                **_weights_kwargs(cfg))
     # reference: precomputed from the policy needs nothing here: the trainer scores the pairs when training
-    # begins, before the first update (reference_cache.py).
+    # begins, before the first update (training/reference.py).
     return PreferenceTrainer(
         model,
         cfg,
@@ -232,17 +236,11 @@ def build_trainer(cfg: PrefAlignConfig, model, tokenizer, data: PreparedData):
     )
 
 
-def _write_json(path: Path, obj) -> None:
-    tmp = path.with_suffix(path.suffix + f".{os.getpid()}.tmp")  # every process may write: no shared temp name
-    tmp.write_text(json.dumps(obj, indent=2, default=str) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
-
-
 def train(cfg: PrefAlignConfig, *, evaluate_before: bool = False) -> dict:
     """Train, save the final model and tokenizer in cfg.output_dir, evaluate; returns a summary dict.
 
     With `evaluate_before`, the eval set is also scored before the first step (summary["eval_before"])."""
-    from .evaluate import summarize, write_per_pair
+    from ..evaluate import summarize, write_per_pair
 
     out = Path(cfg.output_dir)
     if out.exists() and not out.is_dir():
@@ -257,22 +255,22 @@ def train(cfg: PrefAlignConfig, *, evaluate_before: bool = False) -> dict:
             raise PrefalignError(f"resume_from_checkpoint latest: no checkpoint-N folder in {out}")
     elif resume and not Path(resume).is_dir():
         raise PrefalignError(f"resume_from_checkpoint {resume}: no such checkpoint folder")
-    _write_json(out / CONFIG_FILE, cfg.prefalign_dict())
+    write_json(out / CONFIG_FILE, cfg.prefalign_dict())
     # Tokenizer and data first: a data error shows before minutes of model loading.
     tokenizer = load_tokenizer_for(cfg)
     data = prepare_data(cfg, tokenizer)
     model, tokenizer = load_policy(cfg, tokenizer)
     trainer = build_trainer(cfg, model, tokenizer, data)
     if trainer.is_world_process_zero():
-        _write_json(out / DATA_REPORT_FILE, data.report)
+        write_json(out / DATA_REPORT_FILE, data.report)
 
     before = None
     if evaluate_before and data.eval is not None:
         before_records = trainer.score()
         before = summarize(before_records)
         if trainer.is_world_process_zero():
-            _write_json(out / "eval_before.json", before)
-            write_per_pair(before_records, out / "eval_before_per_pair.jsonl")
+            write_json(out / BEFORE_FILE, before)
+            write_per_pair(before_records, out / BEFORE_PER_PAIR_FILE)
 
     t0 = time.time()
     result = trainer.train(resume_from_checkpoint=resume)
@@ -296,8 +294,8 @@ def train(cfg: PrefAlignConfig, *, evaluate_before: bool = False) -> dict:
             ev["spo_confusion"] = confusion.tolist()  # rows: true degree, columns: predicted
         summary["eval"] = ev
         if trainer.is_world_process_zero():
-            _write_json(out / EVAL_FILE, ev)
+            write_json(out / EVAL_FILE, ev)
             write_per_pair(records, out / PER_PAIR_FILE)
     if trainer.is_world_process_zero():
-        _write_json(out / "train_summary.json", summary)
+        write_json(out / SUMMARY_FILE, summary)
     return summary

@@ -8,158 +8,28 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import math
 import os
 from collections import defaultdict
 
 import torch
-from transformers import Trainer, TrainerCallback
+from transformers import Trainer
 
+from ..config import PrefAlignConfig
+from ..errors import PrefalignError
+from ..evaluate import score_pairs, summarize
+from ..losses import compute_loss
+from ..modeling import PrefixSharingRefused, packing_plan, pair_logps, resolve_prefix_sharing, sequence_logps
+from ..modeling.packing import PrefixSharedCollator, packed_inputs, prefix_shared_logps
+from ..run_files import SHARE_CORRECT, SHARE_MISRANKED, SKIPPED_PREFIX
+from ..spo import SPOCollator, SPOHead, all_degree_packed, all_degree_rows, spo_loss
+from .callbacks import MetricsFileCallback, NonFiniteGradientGuard, ReferencePass, SPOEpoch, SPOHeadGradSync
 from .checkpointing import CrashSafeCheckpointing, SigtermCheckpoint
-from .config import PrefAlignConfig
-from .errors import PrefalignError
-from .evaluate import score_pairs, summarize
-from .losses import compute_loss
-from .metrics_log import MetricsFileCallback
-from .modeling import PrefixSharingRefused, packing_plan, pair_logps, resolve_prefix_sharing, sequence_logps
-from .modeling.packing import PrefixSharedCollator, packed_inputs, prefix_shared_logps
-from .spo import SPOCollator, SPOHead, all_degree_packed, all_degree_rows, spo_loss
+from .collate import TrainingCollator, pad_cat
+from .distributed import gather_variable
 
 log = logging.getLogger(__name__)
 
 AMAPO_POOL = 8  # pairs per micro-batch over all processes in the official AMaPO runs (2 per GPU x 4 GPUs)
-
-
-class TrainingCollator:
-    """Wraps the pair collator: with SPO the batch gains its degraded-response rows (packed into the pair's
-    row with prefix sharing, as extra rows without)."""
-
-    def __init__(self, collator, spo=None):
-        self.collator = collator
-        self.spo = spo
-        self.draw_spo = True  # off while scoring pairs: ranking accuracy needs no SPO samples
-
-    def __call__(self, rows: list[dict]) -> dict:
-        extra = {}
-        pair_rows = [{k: v for k, v in r.items() if not k.startswith("spo_")} for r in rows]
-        spo = self.spo is not None and self.draw_spo and "spo_chosen_ids" in rows[0]
-        if spo and isinstance(self.collator, PrefixSharedCollator):
-            # The degraded completions share their pair's packed row (and prompt encoding).
-            completions, source, degree = self.spo.draw(rows)
-            pair_rows = [{**r, "extra_completion_ids": c} for r, c in zip(pair_rows, completions)]
-            extra.update(spo_source=source, spo_degrees=degree)
-            spo = False
-        batch = self.collator(pair_rows)
-        batch.update(extra)
-        if spo:
-            batch = self.spo.add(batch, rows)
-        return batch
-
-
-def _pad_cat(a: torch.Tensor, b: torch.Tensor, value: int) -> torch.Tensor:
-    width = max(a.shape[1], b.shape[1])
-    pad = lambda t: torch.nn.functional.pad(t, (0, width - t.shape[1]), value=value)  # noqa: E731
-    return torch.cat([pad(a), pad(b)])
-
-
-def gather_variable(accelerator, t: torch.Tensor) -> torch.Tensor:
-    """all-gather a 1-D tensor whose length may differ between processes (rank order)."""
-    if accelerator.num_processes == 1:
-        return t
-    n = torch.tensor([t.shape[0]], device=t.device)
-    sizes = accelerator.gather(n).tolist()
-    padded = accelerator.pad_across_processes(t, dim=0)
-    full = accelerator.gather(padded).view(len(sizes), -1)
-    return torch.cat([full[i, :s] for i, s in enumerate(sizes)])
-
-
-class NonFiniteGradientGuard(TrainerCallback):
-    """A NaN/inf gradient stops the run naming the step and rows, or (on_nonfinite=skip) drops the step.
-
-    The decision is agreed over processes (under FSDP each holds only its shard of the gradient), and with
-    fp16 it is left to the GradScaler, whose job is to skip the overflow steps a loss scale produces."""
-
-    def __init__(self, trainer: PreferenceTrainer):
-        self.trainer = trainer
-
-    def on_pre_optimizer_step(self, args, state, control, model=None, **kwargs):
-        if args.fp16:
-            return
-        acc = self.trainer.accelerator
-        grads = [p.grad for p in self.trainer.model.parameters() if p.grad is not None]
-        finite = torch.stack([torch.isfinite(g).all() for g in grads]).all() if grads else torch.tensor(True)
-        finite = finite.to(acc.device, torch.float32)
-        if acc.num_processes > 1:
-            finite = acc.reduce(finite, reduction="sum") == acc.num_processes
-        if bool(finite):
-            self.trainer._rows_since_step.clear()
-            return
-        rows = sorted(self.trainer._rows_since_step)
-        self.trainer._rows_since_step.clear()
-        if args.on_nonfinite == "error":
-            raise PrefalignError(
-                f"non-finite gradient at step {state.global_step + 1} (dataset rows {rows[:20]}"
-                f"{f' on process {args.process_index}' if acc.num_processes > 1 else ''}); "
-                "lower the learning rate or set on_nonfinite: skip"
-            )
-        for p in self.trainer.model.parameters():
-            p.grad = None  # the optimizer skips parameters without a gradient
-        if self.trainer.spo_head is not None:
-            self.trainer.spo_head.zero_grad(set_to_none=True)
-        self.trainer._skipped["nonfinite_grad_steps"] += 1 if args.process_index == 0 else 0
-
-
-class SPOHeadGradSync(TrainerCallback):
-    """The SPO head lives outside the (DDP-wrapped) model, so the Trainer neither averages its gradient over
-    processes nor clears it after a step (it calls model.zero_grad()): both are done here."""
-
-    def __init__(self, trainer: PreferenceTrainer):
-        self.trainer = trainer
-
-    def on_pre_optimizer_step(self, args, state, control, **kwargs):
-        acc = self.trainer.accelerator
-        if acc.num_processes == 1:
-            return
-        for p in self.trainer.spo_head.parameters():
-            # Every rank takes part, a rank whose batches drew no SPO sample with zeros: a collective that
-            # depended on per-rank state would hang the others.
-            grad = p.grad if p.grad is not None else torch.zeros_like(p)
-            p.grad = acc.reduce(grad, reduction="mean")
-
-    def on_optimizer_step(self, args, state, control, **kwargs):
-        self.trainer.spo_head.zero_grad(set_to_none=True)
-
-
-class _Lazy:
-    """An iterable that builds its dataloader only when iterated."""
-
-    def __init__(self, make):
-        self.make = make
-
-    def __iter__(self):
-        return iter(self.make())
-
-
-class SPOEpoch(TrainerCallback):
-    """SPO draws are a pure function of (seed, epoch, row, response): tell the sampler the epoch. transformers
-    calls this before it creates the epoch's dataloader iterator, so DataLoader workers get it too."""
-
-    def __init__(self, sampler):
-        self.sampler = sampler
-
-    def on_epoch_begin(self, args, state, control, **kwargs):
-        self.sampler.set_epoch(math.floor(state.epoch + 1e-6))  # a resumed run restarts inside its epoch
-
-
-class ReferencePass(TrainerCallback):
-    """Reference log-probs (reference: precomputed) when training begins: after `accelerator.prepare`, before
-    the first update, so they come from the model as it trains (device, layout, precision, engine)."""
-
-    def __init__(self, trainer: PreferenceTrainer):
-        self.trainer = trainer
-
-    def on_train_begin(self, args, state, control, **kwargs):
-        self.trainer.prepare_reference(resuming=state.global_step > 0)
 
 
 class PreferenceTrainer(CrashSafeCheckpointing, Trainer):
@@ -231,10 +101,10 @@ class PreferenceTrainer(CrashSafeCheckpointing, Trainer):
     # -- reference log-probs --------------------------------------------------------------------------
     def prepare_reference(self, *, resuming: bool = False) -> None:
         """Reference log-probs of the train and eval pairs (reference: precomputed), once per run; see
-        `reference_cache`. The reference is `ref_model` when one was given, else the policy before training."""
+        `reference.py`. The reference is `ref_model` when one was given, else the policy before training."""
         if self.ref_mode != "precomputed" or "train" in self._ref_tables:
             return
-        from .reference_cache import reference_table
+        from .reference import LazyLoader, reference_table
 
         model = self.ref_model if self.ref_model is not None else self.model_wrapped
         packed = self.args.prefix_sharing and (self.ref_model is None or self._ref_packed)
@@ -250,7 +120,7 @@ class PreferenceTrainer(CrashSafeCheckpointing, Trainer):
             loaders["eval"] = (self.eval_dataset, lambda: self.get_eval_dataloader(self.eval_dataset))
         for split, (dataset, make_loader) in loaders.items():
             # The loader is built lazily inside only when the values must be computed.
-            table, info = reference_table(model, _Lazy(make_loader), dataset, self.data_collator.collator,
+            table, info = reference_table(model, LazyLoader(make_loader), dataset, self.data_collator.collator,
                                           split=split, **kw)
             self._ref_tables[split] = table
             self.reference_info.append(info)
@@ -284,9 +154,9 @@ class PreferenceTrainer(CrashSafeCheckpointing, Trainer):
             lp = prefix_shared_logps(model, *packed_inputs(batch), with_hidden_mean=spo)
         elif spo:
             # One forward for the pairs and the degraded rows; only the pair rows go through the output head.
-            ids = _pad_cat(batch["input_ids"], batch["spo_input_ids"], 0)
-            mask = _pad_cat(batch["attention_mask"], batch["spo_attention_mask"], 0)
-            labels = _pad_cat(batch["labels"], batch["spo_labels"], -100)
+            ids = pad_cat(batch["input_ids"], batch["spo_input_ids"], 0)
+            mask = pad_cat(batch["attention_mask"], batch["spo_attention_mask"], 0)
+            labels = pad_cat(batch["labels"], batch["spo_labels"], -100)
             lp = sequence_logps(model, ids, mask, labels, with_hidden_mean=True, n_scored=2 * b)
         else:
             lp = sequence_logps(model, batch["input_ids"], batch["attention_mask"], batch["labels"])
@@ -417,13 +287,13 @@ class PreferenceTrainer(CrashSafeCheckpointing, Trainer):
         on_correct = sum(p["alloc"][0] for p in parts)
         total = sum(p["alloc"][1] for p in parts)
         if total > 0:
-            out["grad/share_correct"] = on_correct / total
-            out["grad/share_misranked"] = 1 - on_correct / total
+            out[SHARE_CORRECT] = on_correct / total
+            out[SHARE_MISRANKED] = 1 - on_correct / total
         skipped: dict[str, int] = {}
         for part in parts:
             for k, v in part["skipped"].items():
                 skipped[k] = skipped.get(k, 0) + v
-        out.update({f"skipped/{k}": v for k, v in skipped.items() if v})
+        out.update({f"{SKIPPED_PREFIX}{k}": v for k, v in skipped.items() if v})
         store.clear()
         self._alloc[mode] = [0.0, 0.0]
         return out

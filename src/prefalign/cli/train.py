@@ -14,13 +14,13 @@ def add_parser(sub) -> None:
     )
     p.usage = "prefalign train [RECIPE.yaml] [--key value ...]"
     p.add_argument("--help-keys", action="store_true", help="list every config key with its default and exit")
-    # The recipe and the --key value overrides are taken from the unparsed arguments (cli.main).
+    # The recipe and the --key value overrides are taken from the unparsed arguments (cli/__init__.main).
     p.set_defaults(func=run, accepts_overrides=True)
 
 
 def run(args) -> int:
-    from .config import config_fields, load_config
-    from .run import train
+    from ..config import config_fields, load_config
+    from ..training.pipeline import train
 
     if args.help_keys:
         for name, f in sorted(config_fields().items()):

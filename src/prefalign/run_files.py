@@ -1,0 +1,112 @@
+"""The run folder: what `prefalign train` writes into `output_dir`, and how it is read back.
+
+One place for the file names, the JSON / JSONL reading and writing, and the metric names that both the
+writer (`training/`, `evaluate.py`) and the readers (`analysis/`, `cli/`) use, so they cannot drift apart.
+
+    OUTPUT_DIR/
+      prefalign_config.json     the whole config                      (CONFIG_FILE)
+      data_report.json          rows read, pairs kept, skips by reason (DATA_REPORT_FILE)
+      metrics.jsonl             one object per logged step            (METRICS_FILE)
+      eval_before.json          held-out summary before training      (BEFORE_FILE, with evaluate_before)
+      eval_before_per_pair.jsonl                                       (BEFORE_PER_PAIR_FILE)
+      eval_results.json         held-out summary after training       (EVAL_FILE)
+      eval_per_pair.jsonl       one object per held-out pair          (PER_PAIR_FILE)
+      train_summary.json        steps, time, losses, data, reference  (SUMMARY_FILE)
+      reference_logps/          the run's reference log-probs         (REFERENCE_FOLDER; reference: precomputed)
+      checkpoint-N/, model and tokenizer files (transformers'), spo_head.* (with SPO)
+
+Runs written before 2026-12-01 have the same files, except `reference_logps/`; `prefalign compare` reads
+them unchanged.
+
+Bad input — a file that is not UTF-8, not JSON, or not a JSON object — raises a one-line PrefalignError
+naming the file (and line).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+from .errors import PrefalignError
+
+CONFIG_FILE = "prefalign_config.json"
+DATA_REPORT_FILE = "data_report.json"
+METRICS_FILE = "metrics.jsonl"
+BEFORE_FILE = "eval_before.json"
+BEFORE_PER_PAIR_FILE = "eval_before_per_pair.jsonl"
+EVAL_FILE = "eval_results.json"
+PER_PAIR_FILE = "eval_per_pair.jsonl"
+SUMMARY_FILE = "train_summary.json"
+REFERENCE_FOLDER = "reference_logps"
+
+# Metric names the trainer writes and the analysis reads (the losses name their own, e.g. amapo/mu).
+SHARE_CORRECT = "grad/share_correct"  # share of the per-pair gradient weight |dl/dz| on pairs ranked right
+SHARE_MISRANKED = "grad/share_misranked"
+SKIPPED_PREFIX = "skipped/"  # skipped/nonfinite_loss_batches, skipped/nonfinite_grad_steps
+EVAL_RANKING_ACCURACY = "eval_ranking_accuracy"
+
+_JSON_TYPES = {dict: "object", list: "array", str: "string", int: "number", float: "number", bool: "boolean"}
+
+
+def _json_type(obj) -> str:
+    return "null" if obj is None else _JSON_TYPES.get(type(obj), type(obj).__name__)
+
+
+def _read_text(path: Path) -> str:
+    try:
+        return Path(path).read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise PrefalignError(f"{path}: not UTF-8 text (byte {e.start})") from None
+    except OSError as e:
+        raise PrefalignError(f"{path}: cannot read ({e.strerror or e})") from None
+
+
+def read_json_object(path) -> dict:
+    try:
+        obj = json.loads(_read_text(path))
+    except json.JSONDecodeError as e:
+        raise PrefalignError(f"{path}: invalid JSON at line {e.lineno}, column {e.colno} ({e.msg})") from None
+    if not isinstance(obj, dict):
+        raise PrefalignError(f"{path}: expected a JSON object, got {_json_type(obj)}")
+    return obj
+
+
+def read_jsonl(path) -> list[dict]:
+    rows = []
+    for lineno, line in enumerate(_read_text(path).splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise PrefalignError(f"{path}:{lineno}: invalid JSON ({e.msg} at column {e.colno})") from None
+        if not isinstance(obj, dict):
+            raise PrefalignError(f"{path}:{lineno}: expected a JSON object, got {_json_type(obj)}")
+        rows.append(obj)
+    return rows
+
+
+def read_metrics(path) -> list[dict]:
+    """metrics.jsonl (a path to the file or to its run folder)."""
+    path = Path(path)
+    return read_jsonl(path / METRICS_FILE if path.is_dir() else path)
+
+
+def write_json(path, obj) -> None:
+    """Atomically: a killed run never leaves half a file (a per-process temp name: every process may write)."""
+    path = Path(path)
+    tmp = path.with_suffix(path.suffix + f".{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(obj, indent=2, default=str) + "\n", encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def write_jsonl(rows, path) -> None:
+    with open(path, "w", encoding="utf-8") as f:
+        for r in rows:
+            f.write(json.dumps(r) + "\n")
+
+
+def append_jsonl(row: dict, path) -> None:
+    with open(path, "a", encoding="utf-8") as f:
+        f.write(json.dumps(row) + "\n")

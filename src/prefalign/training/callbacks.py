@@ -1,0 +1,130 @@
+"""The trainer's callbacks: the metrics file, the non-finite gradient guard, SPO's head gradient and epoch,
+and the reference pass when training begins.
+
+`MetricsFileCallback` writes every logged step as one JSON object per line in OUTPUT_DIR/metrics.jsonl,
+beside the report_to trackers."""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+
+import torch
+from transformers import TrainerCallback
+
+from ..errors import PrefalignError
+from ..run_files import METRICS_FILE, append_jsonl, read_metrics, write_jsonl
+
+
+def _plain(v):
+    if hasattr(v, "item"):
+        v = v.item()
+    if isinstance(v, float) and not math.isfinite(v):
+        return None  # JSON has no NaN; a missing value is honest
+    return v
+
+
+class MetricsFileCallback(TrainerCallback):
+    def __init__(self):
+        self._t0 = None
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self._t0 = time.time()
+        path = os.path.join(args.output_dir, METRICS_FILE)
+        if state.is_world_process_zero and os.path.exists(path):
+            # A resumed run re-logs the steps after its checkpoint: drop the rows the crashed run wrote for them.
+            rows = read_metrics(path)
+            kept = [r for r in rows if r.get("step", 0) <= state.global_step]
+            if len(kept) < len(rows):
+                write_jsonl(kept, path + ".tmp")
+                os.replace(path + ".tmp", path)
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if not state.is_world_process_zero or not logs:
+            return
+        row = {"step": state.global_step, "epoch": state.epoch}
+        if self._t0 is not None:
+            row["time_s"] = round(time.time() - self._t0, 3)
+        row.update({k: _plain(v) for k, v in logs.items()})
+        os.makedirs(args.output_dir, exist_ok=True)
+        append_jsonl(row, os.path.join(args.output_dir, METRICS_FILE))
+
+
+class NonFiniteGradientGuard(TrainerCallback):
+    """A NaN/inf gradient stops the run naming the step and rows, or (on_nonfinite=skip) drops the step.
+
+    The decision is agreed over processes (under FSDP each holds only its shard of the gradient), and with
+    fp16 it is left to the GradScaler, whose job is to skip the overflow steps a loss scale produces."""
+
+    def __init__(self, trainer):
+        self.trainer = trainer
+
+    def on_pre_optimizer_step(self, args, state, control, model=None, **kwargs):
+        if args.fp16:
+            return
+        acc = self.trainer.accelerator
+        grads = [p.grad for p in self.trainer.model.parameters() if p.grad is not None]
+        finite = torch.stack([torch.isfinite(g).all() for g in grads]).all() if grads else torch.tensor(True)
+        finite = finite.to(acc.device, torch.float32)
+        if acc.num_processes > 1:
+            finite = acc.reduce(finite, reduction="sum") == acc.num_processes
+        if bool(finite):
+            self.trainer._rows_since_step.clear()
+            return
+        rows = sorted(self.trainer._rows_since_step)
+        self.trainer._rows_since_step.clear()
+        if args.on_nonfinite == "error":
+            raise PrefalignError(
+                f"non-finite gradient at step {state.global_step + 1} (dataset rows {rows[:20]}"
+                f"{f' on process {args.process_index}' if acc.num_processes > 1 else ''}); "
+                "lower the learning rate or set on_nonfinite: skip"
+            )
+        for p in self.trainer.model.parameters():
+            p.grad = None  # the optimizer skips parameters without a gradient
+        if self.trainer.spo_head is not None:
+            self.trainer.spo_head.zero_grad(set_to_none=True)
+        self.trainer._skipped["nonfinite_grad_steps"] += 1 if args.process_index == 0 else 0
+
+
+class SPOHeadGradSync(TrainerCallback):
+    """The SPO head lives outside the (DDP-wrapped) model, so the Trainer neither averages its gradient over
+    processes nor clears it after a step (it calls model.zero_grad()): both are done here."""
+
+    def __init__(self, trainer):
+        self.trainer = trainer
+
+    def on_pre_optimizer_step(self, args, state, control, **kwargs):
+        acc = self.trainer.accelerator
+        if acc.num_processes == 1:
+            return
+        for p in self.trainer.spo_head.parameters():
+            # Every rank takes part, a rank whose batches drew no SPO sample with zeros: a collective that
+            # depended on per-rank state would hang the others.
+            grad = p.grad if p.grad is not None else torch.zeros_like(p)
+            p.grad = acc.reduce(grad, reduction="mean")
+
+    def on_optimizer_step(self, args, state, control, **kwargs):
+        self.trainer.spo_head.zero_grad(set_to_none=True)
+
+
+class SPOEpoch(TrainerCallback):
+    """SPO draws are a pure function of (seed, epoch, row, response): tell the sampler the epoch. transformers
+    calls this before it creates the epoch's dataloader iterator, so DataLoader workers get it too."""
+
+    def __init__(self, sampler):
+        self.sampler = sampler
+
+    def on_epoch_begin(self, args, state, control, **kwargs):
+        self.sampler.set_epoch(math.floor(state.epoch + 1e-6))  # a resumed run restarts inside its epoch
+
+
+class ReferencePass(TrainerCallback):
+    """Reference log-probs (reference: precomputed) when training begins: after `accelerator.prepare`, before
+    the first update, so they come from the model as it trains (device, layout, precision, engine)."""
+
+    def __init__(self, trainer):
+        self.trainer = trainer
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self.trainer.prepare_reference(resuming=state.global_step > 0)

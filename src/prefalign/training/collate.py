@@ -1,0 +1,39 @@
+"""The training batch: the pair collator's batch plus, with SPO, the degraded responses."""
+
+from __future__ import annotations
+
+import torch
+
+from ..modeling.packing import PrefixSharedCollator
+
+
+class TrainingCollator:
+    """Wraps the pair collator: with SPO the batch gains its degraded-response rows (packed into the pair's
+    row with prefix sharing, as extra rows without)."""
+
+    def __init__(self, collator, spo=None):
+        self.collator = collator
+        self.spo = spo
+        self.draw_spo = True  # off while scoring pairs: ranking accuracy needs no SPO samples
+
+    def __call__(self, rows: list[dict]) -> dict:
+        extra = {}
+        pair_rows = [{k: v for k, v in r.items() if not k.startswith("spo_")} for r in rows]
+        spo = self.spo is not None and self.draw_spo and "spo_chosen_ids" in rows[0]
+        if spo and isinstance(self.collator, PrefixSharedCollator):
+            # The degraded completions share their pair's packed row (and prompt encoding).
+            completions, source, degree = self.spo.draw(rows)
+            pair_rows = [{**r, "extra_completion_ids": c} for r, c in zip(pair_rows, completions)]
+            extra.update(spo_source=source, spo_degrees=degree)
+            spo = False
+        batch = self.collator(pair_rows)
+        batch.update(extra)
+        if spo:
+            batch = self.spo.add(batch, rows)
+        return batch
+
+
+def pad_cat(a: torch.Tensor, b: torch.Tensor, value: int) -> torch.Tensor:
+    width = max(a.shape[1], b.shape[1])
+    pad = lambda t: torch.nn.functional.pad(t, (0, width - t.shape[1]), value=value)  # noqa: E731
+    return torch.cat([pad(a), pad(b)])
