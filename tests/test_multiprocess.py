@@ -202,6 +202,18 @@ def training_runs(tmp_path_factory):
             "--output_dir", str(work / name / "two"), *TRAIN, "--per_device_train_batch_size", "2", *flags,
             log=work / f"{name}.log",
         )
+    # accelerate's FSDP2 config on a CPU, and no --use_cpu: what a user of FSDP on GPUs types on this machine.
+    fsdp_config = work / "accelerate_fsdp2.yaml"
+    fsdp_config.write_text(ACCELERATE_FSDP2)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": "", "HF_HUB_OFFLINE": "1",
+           "HF_DATASETS_OFFLINE": "1", "TQDM_DISABLE": "1"}
+    with (work / "fsdp_config_cli.log").open("w") as f:
+        procs["fsdp_config_cli"] = subprocess.Popen(
+            [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(fsdp_config),
+             "--main_process_port", str(_free_port()), "-m", "prefalign.cli", "train", "--model_name_or_path",
+             str(model), "--dataset", str(data), "--output_dir", str(work / "fsdp_config_cli"),
+             *[t for t in TRAIN if t != "--use_cpu"], "--per_device_train_batch_size", "2", "--loss_type", "simpo"],
+            stdout=f, stderr=subprocess.STDOUT, env=env, cwd=HERE.parent)
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(HERE)}
     fsdp_log = work / "fsdp2.log"
     with fsdp_log.open("w") as f:
@@ -221,6 +233,34 @@ def training_runs(tmp_path_factory):
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+ACCELERATE_FSDP2 = """\
+compute_environment: LOCAL_MACHINE
+distributed_type: FSDP
+fsdp_config:
+  fsdp_version: 2
+  fsdp_auto_wrap_policy: TRANSFORMER_BASED_WRAP
+  fsdp_reshard_after_forward: true
+  fsdp_state_dict_type: SHARDED_STATE_DICT
+mixed_precision: 'no'
+num_machines: 1
+num_processes: 2
+machine_rank: 0
+use_cpu: true
+"""
+
+
+def test_accelerate_fsdp_config_on_cpu_trains_as_one_group_and_says_so(training_runs):
+    """Without use_cpu transformers ran each of the two processes alone, both writing every step to the same
+    metrics.jsonl; now they train together (set for them, and said), and the FSDP-on-CPU fallback is said."""
+    work = training_runs["work"]
+    text = finish(training_runs["procs"]["fsdp_config_cli"], work / "fsdp_config_cli.log")
+    assert "launched as 2 processes without a GPU: use_cpu set" in text
+    assert "this CPU run trains as DDP" in text
+    rows = [r for r in read_metrics(work / "fsdp_config_cli" / "metrics.jsonl") if "loss" in r]
+    assert [r["step"] for r in rows] == [1, 2, 3]
+    assert rows[0]["epoch"] == 0.25  # 16 pairs / (2 processes x 2 pairs) = 4 steps per epoch: both processes ran
 
 
 def _weights(folder: Path) -> dict[str, torch.Tensor]:

@@ -156,9 +156,11 @@ def test_flex_attention_training_on_cpu_is_refused_in_one_line(stories260k, hh_f
         build_trainer(cfg, model, tok, prepare_data(cfg, tok))
 
 
+@pytest.mark.parametrize("reference", ["precomputed", "model"])
 @pytest.mark.parametrize("precision", ["fp32", "bf16"])
 @pytest.mark.parametrize("packed", ["true", "false"])
-def test_first_dpo_loss_is_log_2_in_every_layout_and_precision(precision, packed, stories260k, hh_file, tmp_path):
+def test_first_dpo_loss_is_log_2_in_every_layout_and_precision(reference, precision, packed, stories260k, hh_file,
+                                                              tmp_path):
     """The reference pass runs when training begins, over the batches the policy trains on, in its layout and
     under its autocast: before any update policy and reference agree, so DPO's first loss is log 2 — in bf16
     too (scored in other batches, bf16 rows round differently: 8e-4 off here; the bug this guards against,
@@ -167,6 +169,6 @@ def test_first_dpo_loss_is_log_2_in_every_layout_and_precision(precision, packed
 
     out = tmp_path / "run"
     train(_cfg(stories260k, hh_file, out, "--loss_type", "dpo", "--max_steps", "1", "--prefix_sharing", packed,
-               "--bf16", str(precision == "bf16").lower(), "--per_device_eval_batch_size", "3"))
+               "--bf16", str(precision == "bf16").lower(), "--per_device_eval_batch_size", "3", "--reference", reference))
     first = next(r for r in read_metrics(out / "metrics.jsonl") if "loss" in r)
     assert abs(first["loss"] - math.log(2)) < 1e-6, first["loss"]

@@ -255,7 +255,8 @@ def train(cfg: PrefAlignConfig, *, evaluate_before: bool = False) -> dict:
             raise PrefalignError(f"resume_from_checkpoint latest: no checkpoint-N folder in {out}")
     elif resume and not Path(resume).is_dir():
         raise PrefalignError(f"resume_from_checkpoint {resume}: no such checkpoint folder")
-    write_json(out / CONFIG_FILE, cfg.prefalign_dict())
+    if cfg.process_index == 0:  # only the main process writes the run folder
+        write_json(out / CONFIG_FILE, cfg.prefalign_dict())
     # Tokenizer and data first: a data error shows before minutes of model loading.
     tokenizer = load_tokenizer_for(cfg)
     data = prepare_data(cfg, tokenizer)
