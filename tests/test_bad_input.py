@@ -350,8 +350,10 @@ CONFIG_CASES = {
     "negative_label_smoothing": (["--label_smoothing", "-0.1"], r"label_smoothing: must be in \[0, 0\.5\), got -0\.1"),
     "negative_sft_weight": (["--sft_weight", "-1"], r"sft_weight: must be >= 0, got -1\.0"),
     "prompt_longer_than_max_length": (
-        ["--max_length", "32", "--max_prompt_length", "64"], r"max_prompt_length: \(64\) must be smaller than max_length \(32\)",
+        ["--max_length", "32", "--max_prompt_length", "64"],
+        r"max_prompt_length: \(64\) must be smaller than max_length \(32\), or unset to derive it",
     ),
+    "max_length_null": (["--max_length", "null"], r"max_length: must be an integer of at least 2 tokens, got None"),
     "bad_choice": (["--on_bad_row", "ignore"], r"on_bad_row: must be one of skip, error, got 'ignore'"),
     "not_a_number": (["--max_steps", "ten"], r"command line: max_steps='ten': invalid literal for int\(\) with base 10: 'ten'"),
     "not_a_bool": (["--use_peft", "maybe"], r"command line: use_peft='maybe': expected true or false"),

@@ -72,18 +72,20 @@ def test_truncate_pair_rules():
     assert truncate_pair([1, 5, 6, 7, 8], [9, 9], [9, 8], 10, 3, "keep_end", bos=1) == ([1, 7, 8], [9, 9], [9, 8], "")
     assert truncate_pair([1, 5, 6, 7, 8], [9, 9], [9, 8], 10, 3, "keep_start", bos=1) == ([1, 5, 6], [9, 9], [9, 8], "")
     assert truncate_pair([5, 6, 7, 8], [9], [8], 10, 2, "keep_end") == ([7, 8], [9], [8], "")
-    assert truncate_pair([1, 5, 6], [9, 9], [8], 3, None, "keep_end") == ([1, 5, 6], [], [], "truncated_to_nothing")
-    assert truncate_pair([1, 5], [9, 7, 2], [9, 8, 2], 3, None, "keep_end") == ([1, 5], [9], [9], "identical_after_truncation")
+    assert truncate_pair([1, 5, 6], [9, 9], [8], 3, 3, "keep_end") == ([1, 5, 6], [], [], "truncated_to_nothing")
+    assert truncate_pair([1, 5], [9, 7, 2], [9, 8, 2], 3, 2, "keep_end") == ([1, 5], [9], [9], "identical_after_truncation")
+    # max_prompt_length unset: the prompt gets max(3 - 2, 3 // 2) = 1 token, the completions the rest
+    assert truncate_pair([1, 5, 6], [9, 9], [8], 3, None, "keep_end") == ([6], [9, 9], [8], "")
     assert truncate_pair([1], [9, 2], [9, 2], None, None, "keep_end") == ([1], [9, 2], [9, 2], "identical")
 
 
 def test_completion_truncated_to_nothing_is_skipped_and_counted(stories):
     data = pairs(("A long prompt that fills the whole budget", " yes", " no"), ("Hi", " yes", " no"))
-    tokenized, skipped = tokenize_pairs(data, stories, max_length=8, max_prompt_length=None)
+    tokenized, skipped = tokenize_pairs(data, stories, max_length=8, max_prompt_length=8)
     assert skipped == {"truncated_to_nothing": 1}
     assert tokenized["row_index"] == [1]
     with pytest.raises(DataError) as e:
-        tokenize_pairs(data, stories, max_length=8, max_prompt_length=None, on_bad_row="error")
+        tokenize_pairs(data, stories, max_length=8, max_prompt_length=8, on_bad_row="error")
     assert str(e.value) == (
         "row_index 0: the prompt fills max_length, leaving no room for the completions "
         "(on_bad_row='error'; 'skip' drops and counts such pairs)"
@@ -136,3 +138,25 @@ def test_collator_on_tokenized_rows_and_pad_id(stories):
     assert batch["completion_lengths"].tolist() == [len(tokenized[i][f"{s}_input_ids"]) for s in ("chosen", "rejected") for i in (0, 1)]
     with pytest.raises(ConfigError, match="^pad_token_id None: expected an int"):
         PairCollator(pad_token_id=stories.pad_token_id)
+
+
+def test_prompt_share_is_derived_when_max_prompt_length_is_unset():
+    from prefalign.data.tokenize import truncate_pair
+
+    p, c, r = list(range(10)), [100] * 6, [200] * 4
+    assert truncate_pair(p, c, r, 32, None, "keep_end")[:3] == (p, c, r)  # fits: nothing cut
+    prompt, chosen, rejected, _ = truncate_pair(list(range(40)), c, r, 32, None, "keep_end")
+    assert prompt == list(range(14, 40)) and chosen == c and rejected == r  # 32 - 6: the prompt's end kept
+    prompt, chosen, rejected, _ = truncate_pair(list(range(40)), [1] * 30, [2] * 20, 32, None, "keep_start")
+    assert prompt == list(range(16)) and chosen == [1] * 16 and rejected == [2] * 16  # half each way
+
+
+def test_max_length_alone_is_a_valid_config():
+    from prefalign.config import load_config
+    from prefalign.errors import ConfigError
+
+    for n in ("256", "64", "2"):
+        cfg = load_config(None, ["--max_length", n, "--report_to", "none"])
+        assert cfg.max_length == int(n) and cfg.max_prompt_length is None
+    with pytest.raises(ConfigError, match=r"^max_length: must be an integer of at least 2 tokens, got None$"):
+        load_config(None, ["--max_length", "null", "--report_to", "none"])

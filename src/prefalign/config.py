@@ -53,8 +53,13 @@ class PrefAlignConfig(TrainingArguments):
     data_format: str = field(default="auto", metadata={"help": "auto, explicit, implicit or conversational"})
     chat_template: str | None = field(default=None, metadata={"help": "chat template text or file for tokenizers without one"})
     on_bad_row: str = field(default="skip", metadata={"help": "skip (counted) or error"})
-    max_length: int = 512
-    max_prompt_length: int = 256
+    max_length: int = field(default=512, metadata={"help": "tokens of prompt + completion (longer pairs are cut)"})
+    max_prompt_length: int | None = field(
+        default=None,
+        metadata={"help": "cut prompts to this many tokens; unset (as in TRL): nothing is cut when prompt + the "
+                          "longer completion fit max_length, else the prompt keeps at most max(max_length - longer "
+                          "completion, max_length // 2)"},
+    )
     truncation_mode: str = field(default="keep_end", metadata={"help": "keep_end or keep_start of the prompt"})
     max_train_samples: int | None = None
     max_eval_samples: int | None = None
@@ -166,10 +171,14 @@ class PrefAlignConfig(TrainingArguments):
             bad("spo_degrees", f"must be at least 2, got {self.spo_degrees}")
         if self.spo_samples < 1:
             bad("spo_samples", f"must be at least 1, got {self.spo_samples}")
-        if self.max_length <= 0 or self.max_prompt_length <= 0:
-            bad("max_length", "max_length and max_prompt_length must be positive")
-        if self.max_prompt_length >= self.max_length:
-            bad("max_prompt_length", f"({self.max_prompt_length}) must be smaller than max_length ({self.max_length})")
+        if not isinstance(self.max_length, int) or self.max_length <= 1:
+            bad("max_length", f"must be an integer of at least 2 tokens, got {self.max_length!r}")
+        if self.max_prompt_length is not None:
+            if self.max_prompt_length <= 0:
+                bad("max_prompt_length", f"must be positive (or unset), got {self.max_prompt_length}")
+            if self.max_prompt_length >= self.max_length:
+                bad("max_prompt_length", f"({self.max_prompt_length}) must be smaller than max_length ({self.max_length}), "
+                    "or unset to derive it")
         if self.precompute_ref_log_probs and self.reference not in ("auto", "precomputed"):
             bad("precompute_ref_log_probs", f"conflicts with reference={self.reference}")
 

@@ -135,7 +135,7 @@ def format_summary(summary: dict) -> str:
 
 # What `prefalign eval` takes from a run folder's prefalign_config.json when not given: the run is scored as
 # it was scored during training (same lengths, data format and precision).
-RUN_SETTINGS = {"max_length": 512, "max_prompt_length": 256, "truncation_mode": "keep_end", "data_format": "auto",
+RUN_SETTINGS = {"max_length": 512, "max_prompt_length": None, "truncation_mode": "keep_end", "data_format": "auto",
                 "chat_template": None, "columns": None, "bf16": False, "dtype": "float32", "attn_implementation": None}
 
 

@@ -20,7 +20,7 @@ def add_parser(sub) -> None:
     p.add_argument("--gguf-file", default=None)
     p.add_argument("--trust-remote-code", action="store_true")
     p.add_argument("--max-length", type=int, default=None, help="default: a run folder's own, else 512")
-    p.add_argument("--max-prompt-length", type=int, default=None, help="default: a run folder's own, else 256")
+    p.add_argument("--max-prompt-length", type=int, default=None, help="default: a run folder's own, else derived as in train")
     p.add_argument("--truncation-mode", default=None, choices=["keep_end", "keep_start"],
                    help="default: a run folder's own, else keep_end")
     p.add_argument("--batch-size", type=int, default=8)

@@ -17,14 +17,15 @@ def tokenize_pairs(
     dataset: Dataset,
     tokenizer,
     max_length: int | None = 512,
-    max_prompt_length: int | None = 256,
+    max_prompt_length: int | None = None,
     truncation_mode: str = "keep_end",
     on_bad_row: str = "skip",
 ) -> tuple[Dataset, dict[str, int]]:
     """Token ids of prompt, chosen and rejected for each pair (completions end with EOS unless truncated).
 
     The prompt is cut to max_prompt_length first: keep_end drops its oldest tokens (keeping a leading BOS),
-    keep_start its newest. Completions are then cut to fit max_length. None means no limit. Returns the
+    keep_start its newest. Completions are then cut to fit max_length. max_length None means no limit;
+    max_prompt_length None derives the prompt's share per pair (`truncate_pair`). Returns the
     tokenized dataset (prompt_input_ids, chosen_input_ids, rejected_input_ids, row_index) and the skip counts.
     """
     check_on_bad_row(on_bad_row)
@@ -96,7 +97,14 @@ def truncate_pair(
     truncation_mode: str,
     bos: int | None = None,
 ) -> tuple[list[int], list[int], list[int], str]:
-    """Cut the prompt to max_prompt_length, then the completions to fit max_length; plus a skip reason or ""."""
+    """Cut the prompt to max_prompt_length, then the completions to fit max_length; plus a skip reason or "".
+
+    With max_prompt_length None (TRL's configs have only max_length) it is derived per pair: nothing is cut
+    when prompt + the longer completion fit in max_length; otherwise the prompt keeps at most
+    max(max_length − longer completion, max_length // 2) tokens and the completions are cut to the rest."""
+    if max_prompt_length is None and max_length is not None:
+        longer = max(len(chosen), len(rejected))
+        max_prompt_length = max(max_length - longer, max_length // 2)
     if max_prompt_length is not None and len(prompt) > max_prompt_length:
         if truncation_mode == "keep_start":
             prompt = prompt[:max_prompt_length]
