@@ -24,7 +24,7 @@ from safetensors.torch import load_file
 from transformers import Trainer
 from transformers.trainer_utils import get_last_checkpoint, sort_checkpoints
 
-from prefalign.config import PrefAlignConfig, load_config
+from prefalign.config import PreferenceConfig, load_config
 from prefalign.errors import ConfigError, PrefalignError
 from prefalign.run_files import read_metrics
 from prefalign.training.checkpointing import STAGING_PREFIX, publish, remove_staging_leftovers
@@ -360,7 +360,7 @@ def test_remote_code_is_off_and_weights_load_from_safetensors(monkeypatch):
 
     from prefalign.training.pipeline import load_policy
 
-    assert PrefAlignConfig(output_dir="x").trust_remote_code is False
+    assert PreferenceConfig(output_dir="x").trust_remote_code is False
     cfg = load_config(None, ["--model_name_or_path", str(shared_path("models", "stories260K"))])
     assert cfg.trust_remote_code is False
     seen = {}

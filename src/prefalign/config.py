@@ -1,4 +1,4 @@
-"""`PrefAlignConfig`: TrainingArguments plus the preference-optimisation settings, and the YAML+flags loader.
+"""`PreferenceConfig`: TrainingArguments plus the preference-optimisation settings, and the YAML+flags loader.
 
 Names follow TRL where TRL has them (`beta`, `loss_type`, `max_length`, `max_prompt_length`,
 `label_smoothing`, `precompute_ref_log_probs`, …) so TRL recipes translate line by line.
@@ -24,16 +24,24 @@ from .losses import LOSSES
 from .losses.amapo import VARIANTS
 
 REFERENCE_MODES = ("auto", "precomputed", "model", "adapter")
+SFT = "sft"  # a loss term: the chosen completions' token-averaged NLL (TRL's "sft" loss_type)
+LOSS_ALIASES = {"sigmoid": "dpo"}  # TRL's names with the same meaning
+# TRL 1.16 DPOTrainer loss types prefalign does not have (yet): refused by name, never a look-alike.
+TRL_LOSS_TYPES = ("exo_pair", "nca_pair", "bco_pair", "sppo_hard", "aot", "aot_unpaired", "apo_zero", "apo_down",
+                  "discopop", "sigmoid_norm")
 DTYPES = ("float32", "bfloat16", "float16", "auto")
 ATTN_IMPLEMENTATIONS = ("eager", "sdpa", "flex_attention", "flash_attention_2", "flash_attention_3")
 
 
 @dataclass
-class PrefAlignConfig(TrainingArguments):
+class PreferenceConfig(TrainingArguments):
     # Model
     model_name_or_path: str | None = field(default=None, metadata={"help": "hub id, local folder, or smollm2-135m-instruct"})
     gguf_file: str | None = field(default=None, metadata={"help": "GGUF file inside model_name_or_path (dequantised)"})
     trust_remote_code: bool = field(default=False, metadata={"help": "run model code from the hub (off by default)"})
+    model_init_kwargs: dict | None = field(
+        default=None, metadata={"help": "extra from_pretrained kwargs when the model is given as a name (TRL's name)"}
+    )
     model_revision: str | None = field(default=None, metadata={"help": "hub revision of the model (and of the reference when it is the same model)"})
     dtype: str = field(
         default="float32",
@@ -61,10 +69,19 @@ class PrefAlignConfig(TrainingArguments):
                           "completion, max_length // 2)"},
     )
     truncation_mode: str = field(default="keep_end", metadata={"help": "keep_end or keep_start of the prompt"})
+    dataset_num_proc: int | None = field(default=None, metadata={"help": "processes for tokenizing (TRL's name)"})
     max_train_samples: int | None = None
     max_eval_samples: int | None = None
     # Loss
-    loss_type: str = field(default="amapo", metadata={"help": f"one of {', '.join(sorted(LOSSES))}"})
+    loss_type: str | list[str] = field(
+        default="amapo",
+        metadata={"help": f"one of {', '.join(sorted(LOSSES))} (TRL's sigmoid = dpo), or a list of them and sft "
+                          "(the chosen completions' NLL) combined with loss_weights, as TRL"},
+    )
+    loss_weights: list[float] | None = field(
+        default=None, metadata={"help": "with a list loss_type: total = sum of weight x mean loss (default 1 each)"}
+    )
+    rpo_alpha: float | None = field(default=None, metadata={"help": "older TRL's name for sft_weight (RPO)"})
     beta: float | None = field(default=None, metadata={"help": "loss temperature; None = the loss's default"})
     gamma: float | None = field(default=None, metadata={"help": "SimPO target reward margin"})
     label_smoothing: float = 0.0
@@ -81,6 +98,9 @@ class PrefAlignConfig(TrainingArguments):
     # Reference model (reference-based losses only)
     reference: str = field(default="auto", metadata={"help": "auto, precomputed, model or adapter"})
     ref_model_name_or_path: str | None = None
+    ref_model_init_kwargs: dict | None = field(
+        default=None, metadata={"help": "extra from_pretrained kwargs for a reference given as a name"}
+    )
     precompute_ref_log_probs: bool | None = field(default=None, metadata={"help": "TRL alias for reference=precomputed"})
     ref_cache_dir: str | None = None
     # SPO auxiliary loss (docs/spo.md)
@@ -103,11 +123,92 @@ class PrefAlignConfig(TrainingArguments):
     logging_steps: float = 10
     # Numerics
     on_nonfinite: str = field(default="error", metadata={"help": "error (stop with the step and rows) or skip (counted)"})
+    # TRL's DPOConfig / CPOConfig names (docs/trl-migration.md): mapped where prefalign has the meaning,
+    # refused in one line where it does not — a TRL recipe never loses a setting silently.
+    disable_dropout: bool = field(default=True, metadata={"help": "TRL: set every dropout to 0 in the policy"})
+    pad_token: str | None = field(default=None, metadata={"help": "TRL: the token to pad with (default: the tokenizer's)"})
+    use_logits_to_keep: bool | None = field(default=None, metadata={"help": "TRL: prefalign always scores only completion positions"})
+    padding_free: bool = field(default=False, metadata={"help": "TRL: not supported; prefix_sharing packs each prompt once"})
+    pad_to_multiple_of: int | str | None = field(default=None, metadata={"help": "TRL: not supported"})
+    precompute_ref_batch_size: int | None = field(default=None, metadata={"help": "TRL: not supported (the reference pass scores the training batches)"})
+    ld_alpha: float | None = field(default=None, metadata={"help": "TRL (LD-DPO): not supported yet"})
+    f_divergence_type: str = field(default="reverse_kl", metadata={"help": "TRL: only reverse_kl (DPO's) is supported"})
+    f_alpha_divergence_coef: float = field(default=0.5, metadata={"help": "TRL: not supported (reverse_kl only)"})
+    use_weighting: bool = field(default=False, metadata={"help": "TRL (WPO weights): not supported yet"})
+    discopop_tau: float = field(default=0.05, metadata={"help": "TRL (discopop loss): not supported yet"})
+    activation_offloading: bool = field(default=False, metadata={"help": "TRL: not supported"})
+    sync_ref_model: bool = field(default=False, metadata={"help": "TRL (TR-DPO): not supported yet"})
+    ref_model_mixup_alpha: float = field(default=0.6, metadata={"help": "TRL (TR-DPO): not supported yet"})
+    ref_model_sync_steps: int = field(default=512, metadata={"help": "TRL (TR-DPO): not supported yet"})
+    router_aux_loss_coef: float | None = field(default=None, metadata={"help": "TRL: not supported (no MoE router loss)"})
+    cpo_alpha: float | None = field(default=None, metadata={"help": "TRL CPO: weight of the chosen NLL = sft_weight"})
+    simpo_gamma: float | None = field(default=None, metadata={"help": "TRL CPO: SimPO's margin = gamma"})
+    alpha: float = field(default=0.0, metadata={"help": "TRL CPO (AlphaPO): not supported"})
+    max_completion_length: int | None = field(default=None, metadata={"help": "TRL CPO: max_prompt_length = max_length - this"})
+    generate_during_eval: bool = field(default=False, metadata={"help": "TRL: not supported"})
+    is_encoder_decoder: bool | None = field(default=None, metadata={"help": "TRL: prefalign trains decoder-only models"})
 
     def __post_init__(self):
+        self._map_trl_fields()
         self._check()
         self._cpu_when_launched_without_accelerator()
         super().__post_init__()
+
+    def _map_trl_fields(self) -> None:
+        """TRL's names: mapped onto prefalign's where the meaning is the same, else one line saying so."""
+        def unsupported(key, why):
+            raise ConfigError(f"{key}: TRL's {key} is not supported by prefalign; {why}")
+
+        def conflict(key, ours):
+            raise ConfigError(f"{key}: TRL's name for {ours}, which is also set: set one of them")
+
+        if self.cpo_alpha is not None:
+            if self.sft_weight:
+                conflict("cpo_alpha", "sft_weight")
+            self.sft_weight, self.cpo_alpha = float(self.cpo_alpha), None
+        if self.simpo_gamma is not None:
+            if self.gamma is not None:
+                conflict("simpo_gamma", "gamma")
+            self.gamma, self.simpo_gamma = float(self.simpo_gamma), None
+        if self.max_completion_length is not None:
+            if self.max_prompt_length is not None:
+                conflict("max_completion_length", "max_length - max_prompt_length")
+            if not 0 < self.max_completion_length < self.max_length:
+                raise ConfigError(f"max_completion_length: must be in (0, max_length={self.max_length}), "
+                                  f"got {self.max_completion_length}")
+            self.max_prompt_length = self.max_length - self.max_completion_length
+            self.max_completion_length = None
+        if self.padding_free:
+            unsupported("padding_free", "prefix_sharing (on by default where exact) packs each pair's prompt once instead")
+        if self.pad_to_multiple_of not in (None, "auto"):
+            unsupported("pad_to_multiple_of", "rows are padded to the batch's longest")
+        if self.precompute_ref_batch_size is not None:
+            unsupported("precompute_ref_batch_size", "the reference pass scores the training batches themselves, "
+                        "so policy and reference agree exactly before the first update")
+        if self.ld_alpha is not None:
+            unsupported("ld_alpha", "LD-DPO is not implemented yet")
+        if self.f_divergence_type != "reverse_kl" or self.f_alpha_divergence_coef != 0.5:
+            unsupported("f_divergence_type", "only reverse_kl (DPO's own) is implemented")
+        if self.use_weighting:
+            unsupported("use_weighting", "WPO weighting is not implemented yet")
+        if self.sync_ref_model or self.ref_model_mixup_alpha != 0.6 or self.ref_model_sync_steps != 512:
+            unsupported("sync_ref_model", "TR-DPO reference syncing is not implemented yet")
+        if self.discopop_tau != 0.05:
+            unsupported("discopop_tau", "the discopop loss is not implemented yet")
+        if self.activation_offloading:
+            unsupported("activation_offloading", "use gradient_checkpointing")
+        if self.router_aux_loss_coef is not None:
+            unsupported("router_aux_loss_coef", "mixture-of-experts router losses are not added")
+        if self.alpha:
+            unsupported("alpha", "AlphaPO is not implemented")
+        if self.generate_during_eval:
+            unsupported("generate_during_eval", "evaluation scores ranking accuracy")
+        if self.is_encoder_decoder:
+            unsupported("is_encoder_decoder", "prefalign trains decoder-only (causal) language models")
+        if self.use_logits_to_keep is False:
+            logging.getLogger(__name__).warning(
+                "use_logits_to_keep: false has no effect: prefalign always applies the output head only where a "
+                "completion token is scored")
 
     def _cpu_when_launched_without_accelerator(self) -> None:
         """`accelerate launch` / torchrun started several processes on a machine without a GPU: without
@@ -129,10 +230,7 @@ class PrefAlignConfig(TrainingArguments):
         def bad(key, why):
             raise ConfigError(f"{key}: {why}")
 
-        if self.loss_type not in LOSSES:
-            near = difflib.get_close_matches(self.loss_type, LOSSES, n=1)
-            hint = f" (did you mean '{near[0]}'?)" if near else ""
-            bad("loss_type", f"unknown loss '{self.loss_type}'{hint}; valid: {', '.join(sorted(LOSSES))}")
+        self._check_losses(bad)
         if self.beta is not None and not (self.beta > 0 and math.isfinite(self.beta)):
             bad("beta", f"must be > 0 and finite, got {self.beta}")
         if not (math.isfinite(self.learning_rate) and self.learning_rate >= 0):
@@ -182,6 +280,36 @@ class PrefAlignConfig(TrainingArguments):
         if self.precompute_ref_log_probs and self.reference not in ("auto", "precomputed"):
             bad("precompute_ref_log_probs", f"conflicts with reference={self.reference}")
 
+    def _check_losses(self, bad) -> None:
+        """loss_type: a name or a list (a comma-separated string on the command line); TRL's names mapped."""
+        given = self.loss_type
+        if isinstance(given, str):
+            given = [n.strip() for n in given.split(",") if n.strip()]
+        names = [LOSS_ALIASES.get(n, n) for n in given]
+        if not names:
+            bad("loss_type", "is empty")
+        for name in names:
+            if name in LOSSES or name == SFT:
+                continue
+            if name in TRL_LOSS_TYPES:
+                bad("loss_type", f"TRL's loss_type '{name}' is not supported by prefalign yet; supported: "
+                    f"{', '.join(sorted(LOSSES))}, sigmoid (= dpo) and sft")
+            near = difflib.get_close_matches(name, [*LOSSES, *LOSS_ALIASES, SFT], n=1)
+            hint = f" (did you mean '{near[0]}'?)" if near else ""
+            bad("loss_type", f"unknown loss '{name}'{hint}; valid: {', '.join(sorted(LOSSES))}, sigmoid, sft")
+        if all(n == SFT for n in names):
+            bad("loss_type", "sft alone is supervised fine-tuning, not preference optimisation: add a preference loss")
+        self.loss_type = names[0] if len(names) == 1 else names
+        if self.loss_weights is not None:
+            if len(self.loss_weights) != len(names):
+                bad("loss_weights", f"{len(self.loss_weights)} weights for {len(names)} loss types")
+            if any(not (math.isfinite(w) and w >= 0) for w in self.loss_weights):
+                bad("loss_weights", f"must be finite and >= 0, got {self.loss_weights}")
+        if self.rpo_alpha is not None:
+            if self.sft_weight:
+                bad("rpo_alpha", "is older TRL's name for sft_weight: set one of them")
+            self.sft_weight, self.rpo_alpha = float(self.rpo_alpha), None
+
     def _check_report_to(self) -> None:
         from transformers.integrations import get_available_reporting_integrations
 
@@ -196,12 +324,31 @@ class PrefAlignConfig(TrainingArguments):
             )
 
     # -- what the loss needs -------------------------------------------------------------------------
+    def loss_terms(self) -> list[tuple[str, float]]:
+        """(loss name, weight) of every term of the total loss, `sft` included."""
+        names = [self.loss_type] if isinstance(self.loss_type, str) else list(self.loss_type)
+        weights = self.loss_weights or [1.0] * len(names)
+        return list(zip(names, weights))
+
+    @property
+    def preference_losses(self) -> list[str]:
+        return [n for n, _ in self.loss_terms() if n != SFT]
+
     @property
     def loss_spec(self):
-        return LOSSES[self.loss_type]
+        """The first preference loss's spec (what a single loss_type names)."""
+        return LOSSES[self.preference_losses[0]]
 
-    def loss_hparams(self) -> dict:
-        """Hyperparameters for `compute_loss`, restricted to those the chosen loss takes."""
+    @property
+    def needs_reference(self) -> bool:
+        return any(LOSSES[n].needs_reference for n in self.preference_losses)
+
+    def sft_term_weight(self) -> float:
+        """Weight of the chosen completions' token-averaged NLL: sft_weight plus any `sft` loss term."""
+        return self.sft_weight + sum(w for n, w in self.loss_terms() if n == SFT)
+
+    def loss_hparams(self, name: str | None = None) -> dict:
+        """Hyperparameters for `compute_loss`, restricted to those loss `name` (default the first) takes."""
         candidates = {
             "beta": self.beta,
             "gamma": self.gamma,
@@ -211,12 +358,12 @@ class PrefAlignConfig(TrainingArguments):
             "exponential": self.amapo_exponential,
             "zero_margin": self.amapo_zero_margin,
         }
-        wanted = self.loss_spec.defaults
+        wanted = LOSSES[name or self.preference_losses[0]].defaults
         return {k: v for k, v in candidates.items() if k in wanted and v is not None}
 
     def reference_mode(self) -> str:
         """none, precomputed, model or adapter — what the trainer must do for the reference."""
-        if not self.loss_spec.needs_reference:
+        if not self.needs_reference:
             return "none"
         if self.reference != "auto":
             return self.reference
@@ -251,7 +398,7 @@ def _canonical(key: str) -> str:
 
 
 def config_fields() -> dict[str, dataclasses.Field]:
-    return {f.name: f for f in dataclasses.fields(PrefAlignConfig) if f.init}
+    return {f.name: f for f in dataclasses.fields(PreferenceConfig) if f.init}
 
 
 def _unknown_key(key: str, where: str) -> ConfigError:
@@ -261,7 +408,7 @@ def _unknown_key(key: str, where: str) -> ConfigError:
 
 
 def _type_options(key: str) -> tuple[type, ...]:
-    hint = typing.get_type_hints(PrefAlignConfig)[key]
+    hint = typing.get_type_hints(PreferenceConfig)[key]
     origin = typing.get_origin(hint)
     if origin in (typing.Union, types.UnionType):
         return tuple(typing.get_origin(a) or a for a in typing.get_args(hint) if a is not type(None))
@@ -339,7 +486,7 @@ def parse_overrides(argv: list[str]) -> dict:
     return out
 
 
-def load_config(recipe: str | Path | None = None, overrides: list[str] | dict | None = None, **defaults) -> PrefAlignConfig:
+def load_config(recipe: str | Path | None = None, overrides: list[str] | dict | None = None, **defaults) -> PreferenceConfig:
     """Recipe YAML (read with safe_load) < command-line overrides; `defaults` fill keys neither sets."""
     values: dict = dict(defaults)
     if recipe is not None:
@@ -370,7 +517,7 @@ def load_config(recipe: str | Path | None = None, overrides: list[str] | dict | 
         values[key] = coerce(key, val, "command line")
     values.setdefault("output_dir", "prefalign-output")
     try:
-        return PrefAlignConfig(**values)
+        return PreferenceConfig(**values)
     except ConfigError:
         raise
     except (ValueError, TypeError) as e:

@@ -87,7 +87,7 @@ def _fail(what: str, name: str, err: Exception) -> PrefalignError:
     return PrefalignError(f"cannot load {what} {name}: {first_line}")
 
 
-def _set_pad_token(tok):
+def ensure_pad_token(tok):
     # Batched training pads; tokenizers without a pad token (Llama-style) borrow eos, else unk.
     if tok.pad_token_id is None:
         if tok.eos_token is not None:
@@ -122,7 +122,7 @@ def load_tokenizer(
         )
     except (OSError, ValueError) as err:
         raise _fail("tokenizer", os.fspath(name_or_path), err) from err
-    return _set_pad_token(tok)
+    return ensure_pad_token(tok)
 
 
 def load_model(

@@ -74,6 +74,8 @@ class Run:
     @property
     def loss_type(self) -> str | None:
         lt = self.config.get("loss_type")
+        if isinstance(lt, list) and lt and all(isinstance(x, str) for x in lt):
+            return "+".join(lt)  # a combination, as TRL's list loss_type: dpo+sft
         return lt if isinstance(lt, str) and lt else None
 
     def series(self, key: str) -> list[tuple[int, float]]:

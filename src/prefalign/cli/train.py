@@ -1,4 +1,4 @@
-"""`prefalign train [RECIPE.yaml] [--key value …]`: any PrefAlignConfig field can be set either way."""
+"""`prefalign train [RECIPE.yaml] [--key value …]`: any PreferenceConfig field can be set either way."""
 
 from __future__ import annotations
 

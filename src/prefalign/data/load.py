@@ -10,7 +10,9 @@ from datasets import Dataset
 from .chat import ChatRenderer
 from .formats import check_format, detect_format, normalize, parse_columns, select_pair_columns
 from .skips import check_on_bad_row, drop_skipped
-from .sources import load_source, locate
+from .sources import SourcePart, load_source, locate
+
+IN_MEMORY = "in-memory dataset"
 
 logger = logging.getLogger(__name__)
 
@@ -29,7 +31,7 @@ class PreferenceData:
 
 
 def load_preference_data(
-    source: str,
+    source: str | Dataset,
     *,
     tokenizer=None,
     split: str | None = None,
@@ -39,7 +41,8 @@ def load_preference_data(
     chat_template: str | None = None,
     on_bad_row: str = "skip",
 ) -> PreferenceData:
-    """Read preference pairs from a hub id, a .json/.jsonl/.jsonl.gz/.parquet/.csv file or a folder of them.
+    """Read preference pairs from a hub id, a .json/.jsonl/.jsonl.gz/.parquet/.csv file or a folder of them,
+    or a `datasets.Dataset` built in memory.
 
     Structural problems raise DataError naming the file, the row (numbered from 1, as editors number lines;
     the row_index column counts from 0) and the problem. Degenerate pairs
@@ -51,17 +54,22 @@ def load_preference_data(
     check_on_bad_row(on_bad_row)
     columns = parse_columns(columns)
     forced = None if data_format == "auto" else data_format
-    raw, parts = load_source(
-        str(source),
-        split=split,
-        config_name=config_name,
-        prepare=lambda dataset, name: select_pair_columns(dataset, name, columns, forced),
-    )
+    if isinstance(source, Dataset):  # built in memory (the Python API): no file to read
+        name = IN_MEMORY
+        raw, parts = select_pair_columns(source, name, columns, forced), [SourcePart(name, 0)]
+    else:
+        raw, parts = load_source(
+            str(source),
+            split=split,
+            config_name=config_name,
+            prepare=lambda dataset, name: select_pair_columns(dataset, name, columns, forced),
+        )
     found = forced or detect_format(raw[0], columns, locate(parts, 0))
     renderer = ChatRenderer(tokenizer, chat_template) if found == "conversational" else None
     normalized = normalize(raw, found, columns, parts, renderer)
     dataset, skipped = drop_skipped(normalized, on_bad_row, lambda row_index: locate(parts, row_index))
-    data = PreferenceData(dataset=dataset, format=found, n_rows=len(raw), skipped=skipped, source=str(source))
+    label = IN_MEMORY if isinstance(source, Dataset) else str(source)
+    data = PreferenceData(dataset=dataset, format=found, n_rows=len(raw), skipped=skipped, source=label)
     logger.info(
         "%s: %s format, %d rows read, %d pairs kept, skipped: %s",
         data.source,

@@ -20,6 +20,7 @@ def tokenize_pairs(
     max_prompt_length: int | None = None,
     truncation_mode: str = "keep_end",
     on_bad_row: str = "skip",
+    num_proc: int | None = None,
 ) -> tuple[Dataset, dict[str, int]]:
     """Token ids of prompt, chosen and rejected for each pair (completions end with EOS unless truncated).
 
@@ -45,6 +46,7 @@ def tokenize_pairs(
             "limits": (max_length, max_prompt_length, truncation_mode),
         },
         desc="Tokenizing pairs",
+        num_proc=num_proc,
     )
     return drop_skipped(tokenized, on_bad_row, lambda row_index: f"row_index {row_index}")
 

@@ -10,7 +10,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..config import PrefAlignConfig
+from ..config import PreferenceConfig
 from ..errors import PrefalignError
 from ..run_files import (
     BEFORE_FILE,
@@ -34,88 +34,35 @@ class PreparedData:
     report: dict
 
 
-def prepare_data(cfg: PrefAlignConfig, tokenizer) -> PreparedData:
-    from ..data import load_preference_data, tokenize_pairs
-
-    report = {}
-
-    def one(source, split, limit, name):
-        pdata = load_preference_data(
-            source,
-            tokenizer=tokenizer,
-            split=split,
-            config_name=cfg.dataset_config,
-            columns=cfg.columns,
-            data_format=cfg.data_format,
-            chat_template=cfg.chat_template,
-            on_bad_row=cfg.on_bad_row,
-        )
-        ds = pdata.dataset
-        if limit is not None:
-            ds = ds.select(range(min(limit, len(ds))))
-        tok, tok_skipped = tokenize_pairs(
-            ds,
-            tokenizer,
-            max_length=cfg.max_length,
-            max_prompt_length=cfg.max_prompt_length,
-            truncation_mode=cfg.truncation_mode,
-            on_bad_row=cfg.on_bad_row,
-        )
-        skipped = {**pdata.skipped}
-        for k, v in tok_skipped.items():
-            skipped[k] = skipped.get(k, 0) + v
-        report[name] = {"source": str(source), "format": pdata.format, "n_rows": pdata.n_rows, "n_pairs": len(tok), "skipped": skipped}
-        if cfg.use_spo:
-            from ..spo import add_spo_columns
-
-            tok, spo_counts = add_spo_columns(
-                ds, tok, tokenizer, degrees=cfg.spo_degrees, spo_on=cfg.spo_on, max_length=cfg.max_length
-            )
-            report[name]["spo"] = spo_counts
-            log.info("%s data: SPO samples from %d responses; %d responses without key phrases to grade",
-                     name, spo_counts["spo_responses"], spo_counts["spo_no_sample"])
-        skips = ", ".join(f"{k}: {v}" for k, v in skipped.items()) or "none"
-        if tok_skipped:  # the loader already reported its own counts
-            log.info("%s data: %d pairs after tokenization, skipped: %s", name, len(tok), skips)
-        if len(tok) == 0:
-            raise PrefalignError(f"{source}: no usable pairs (skipped: {skips})")
-        return tok
+def prepare_data(cfg: PreferenceConfig, tokenizer) -> PreparedData:
+    """The config's train (and eval) data, read, checked and tokenized (`datasets.prepare_pairs`)."""
+    from .datasets import prepare_pairs
 
     if not cfg.dataset:
         raise PrefalignError("no dataset: set `dataset` in the recipe or pass --dataset PATH_OR_HUB_ID")
-    train = one(cfg.dataset, cfg.dataset_split, cfg.max_train_samples, "train")
+    report = {}
+    train, report["train"] = prepare_pairs(cfg.dataset, tokenizer, cfg, name="train", split=cfg.dataset_split,
+                                           limit=cfg.max_train_samples)
     evals = None
     if cfg.eval_dataset:
-        evals = one(cfg.eval_dataset, cfg.eval_split, cfg.max_eval_samples, "eval")
+        evals, report["eval"] = prepare_pairs(cfg.eval_dataset, tokenizer, cfg, name="eval", split=cfg.eval_split,
+                                              limit=cfg.max_eval_samples)
     return PreparedData(train, evals, report)
 
 
-def add_length_column(tok, column: str, *, packed: bool):
-    """The tokens a pair puts in a batch, for transformers' `train_sampling_strategy="group_by_length"`:
-    prompt + chosen + rejected in the packed (prefix-sharing) layout, prompt + the longer completion in the
-    unshared one (both completions' rows are padded to it)."""
-
-    def lengths(batch):
-        p, c, r = (batch[f"{k}_input_ids"] for k in ("prompt", "chosen", "rejected"))
-        if packed:
-            return {column: [len(a) + len(b) + len(d) for a, b, d in zip(p, c, r)]}
-        return {column: [len(a) + max(len(b), len(d)) for a, b, d in zip(p, c, r)]}
-
-    return tok.map(lengths, batched=True, desc="Measuring pair lengths")
-
-
-def _model_kwargs(cfg: PrefAlignConfig) -> dict:
+def _model_kwargs(cfg: PreferenceConfig) -> dict:
     if not cfg.model_name_or_path:
         raise PrefalignError("no model: set `model_name_or_path` (hub id, local folder, or smollm2-135m-instruct)")
     return dict(gguf_file=cfg.gguf_file, trust_remote_code=cfg.trust_remote_code, revision=cfg.model_revision)
 
 
-def _weights_kwargs(cfg: PrefAlignConfig) -> dict:
-    """How weights load: `dtype` float32 by default, so bf16/fp16 training is autocast over fp32 master weights."""
-    return dict(dtype=cfg.dtype, attn_implementation=cfg.attn_implementation)
+def _weights_kwargs(cfg: PreferenceConfig) -> dict:
+    from .inputs import weights_kwargs
+
+    return weights_kwargs(cfg)
 
 
-def _warn_low_precision_weights(cfg: PrefAlignConfig, model) -> None:
+def _warn_low_precision_weights(cfg: PreferenceConfig, model) -> None:
     import torch
 
     trainable = {p.dtype for p in model.parameters() if p.requires_grad}
@@ -128,13 +75,13 @@ def _warn_low_precision_weights(cfg: PrefAlignConfig, model) -> None:
         )
 
 
-def load_tokenizer_for(cfg: PrefAlignConfig):
+def load_tokenizer_for(cfg: PreferenceConfig):
     from ..models import load_tokenizer
 
     return load_tokenizer(cfg.model_name_or_path, **_model_kwargs(cfg))
 
 
-def load_policy(cfg: PrefAlignConfig, tokenizer=None):
+def load_policy(cfg: PreferenceConfig, tokenizer=None):
     """The policy model (with LoRA adapters when use_peft) and its tokenizer."""
     from ..models import load_model
 
@@ -159,84 +106,25 @@ def load_policy(cfg: PrefAlignConfig, tokenizer=None):
     return model, tokenizer
 
 
-def _autocast(cfg: PrefAlignConfig, model):
-    """The autocast the trainer will train under (None: full precision)."""
-    import torch
-
-    if not (cfg.bf16 or cfg.fp16):
-        return None
-    device_type = next(model.parameters()).device.type
-    dtype = torch.bfloat16 if cfg.bf16 else torch.float16
-    return lambda: torch.autocast(device_type, dtype=dtype)
-
-
-def ready_model(cfg: PrefAlignConfig, model, tokenizer, data: PreparedData) -> int:
-    """Before any scoring: the model on its device (where the trainer would put it), prefix sharing made
-    definite for it, a pad id it can embed, the start-up self-check, and the length column in the layout
-    chosen. Returns the pad id."""
-    import contextlib
-
-    from ..modeling import check_fast_path, resolve_prefix_sharing, usable_pad_id
-
-    if not (cfg.fsdp or cfg.deepspeed or getattr(model, "hf_device_map", None)):
-        model.to(cfg.device)  # the trainer does the same; the self-check and reference pass then run there
-    device = next(model.parameters()).device
-    if getattr(model.config, "_attn_implementation", None) == "flex_attention" and device.type == "cpu":
-        raise PrefalignError("attn_implementation flex_attention: torch's FlexAttention has no backward pass on the "
-                             "CPU; train with sdpa or eager here (flex_attention evaluates on the CPU)")
-    cfg.prefix_sharing = resolve_prefix_sharing(cfg.prefix_sharing, model)
-    pad = usable_pad_id(model, tokenizer)
-    rows = [{k: data.train[i][k] for k in ("prompt_input_ids", "chosen_input_ids", "rejected_input_ids", "row_index")}
-            for i in range(min(2, len(data.train)))]
-    check_fast_path(model, rows, pad, prefix_sharing=cfg.prefix_sharing,
-                    autocast=_autocast(cfg, model) or contextlib.nullcontext)
-    if cfg.train_sampling_strategy == "group_by_length":
-        data.train = add_length_column(data.train, cfg.length_column_name, packed=cfg.prefix_sharing)
-        if data.eval is not None:
-            data.eval = add_length_column(data.eval, cfg.length_column_name, packed=cfg.prefix_sharing)
-    return pad
-
-
-def build_trainer(cfg: PrefAlignConfig, model, tokenizer, data: PreparedData):
-    from ..data import PairCollator
-    from ..modeling import PrefixSharedCollator
+def build_trainer(cfg: PreferenceConfig, model, tokenizer, data: PreparedData):
+    """The trainer for this config: it makes prefix sharing definite, picks a pad id the model can embed,
+    builds the collator and runs the start-up self-check (PreferenceTrainer)."""
     from .trainer import PreferenceTrainer
 
-    pad = ready_model(cfg, model, tokenizer, data)
-    collator = PrefixSharedCollator(pad) if cfg.prefix_sharing else PairCollator(pad)
-    mode = cfg.reference_mode()
     ref_model = None
-    train, evals = data.train, data.eval
-    if mode == "model":
+    if cfg.ref_model_name_or_path and cfg.reference_mode() in ("model", "precomputed"):
         from ..models import load_model
 
-        ref_model = load_model(
-            cfg.ref_model_name_or_path or cfg.model_name_or_path,
-            gguf_file=None if cfg.ref_model_name_or_path else cfg.gguf_file,
-            trust_remote_code=cfg.trust_remote_code,
-            revision=None if cfg.ref_model_name_or_path else cfg.model_revision,
-            **_weights_kwargs(cfg),  # the policy's dtype: a first DPO loss of exactly log 2
-        )
-    elif mode == "precomputed" and cfg.ref_model_name_or_path:
-        from ..models import load_model
-
-        # Scored once when training begins (the trainer's reference pass), then freed.
+        # reference: model keeps it; precomputed scores the pairs with it when training begins, then frees it.
         ref_model = load_model(cfg.ref_model_name_or_path, trust_remote_code=cfg.trust_remote_code,
                                **_weights_kwargs(cfg))
-    # reference: precomputed from the policy needs nothing here: the trainer scores the pairs when training
-    # begins, before the first update (training/reference.py).
-    return PreferenceTrainer(
-        model,
-        cfg,
-        data_collator=collator,
-        ref_model=ref_model,
-        train_dataset=train,
-        eval_dataset=evals,
-        processing_class=tokenizer,
-    )
+    # Without a reference name: precomputed scores with the policy before its first update; model makes a
+    # frozen copy of the policy (in its dtype: a first DPO loss of exactly log 2).
+    return PreferenceTrainer(model, cfg, ref_model=ref_model, train_dataset=data.train, eval_dataset=data.eval,
+                             processing_class=tokenizer)
 
 
-def train(cfg: PrefAlignConfig, *, evaluate_before: bool = False) -> dict:
+def train(cfg: PreferenceConfig, *, evaluate_before: bool = False) -> dict:
     """Train, save the final model and tokenizer in cfg.output_dir, evaluate; returns a summary dict.
 
     With `evaluate_before`, the eval set is also scored before the first step (summary["eval_before"])."""

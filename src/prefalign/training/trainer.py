@@ -14,18 +14,29 @@ from collections import defaultdict
 import torch
 from transformers import Trainer
 
-from ..config import PrefAlignConfig
+from ..config import SFT, PreferenceConfig
+from ..data.collate import PairCollator
 from ..errors import PrefalignError
 from ..evaluate import score_pairs, summarize
-from ..losses import compute_loss
-from ..modeling import PrefixSharingRefused, packing_plan, pair_logps, resolve_prefix_sharing, sequence_logps
+from ..losses import LOSSES, compute_loss
+from ..modeling import (
+    PrefixSharingRefused,
+    check_fast_path,
+    packing_plan,
+    pair_logps,
+    resolve_prefix_sharing,
+    sequence_logps,
+    usable_pad_id,
+)
 from ..modeling.packing import PrefixSharedCollator, packed_inputs, prefix_shared_logps
 from ..run_files import SHARE_CORRECT, SHARE_MISRANKED, SKIPPED_PREFIX
 from ..spo import SPOCollator, SPOHead, all_degree_packed, all_degree_rows, spo_loss
 from .callbacks import MetricsFileCallback, NonFiniteGradientGuard, ReferencePass, SPOEpoch, SPOHeadGradSync
 from .checkpointing import CrashSafeCheckpointing, SigtermCheckpoint
 from .collate import TrainingCollator, pad_cat
+from .datasets import TOKENIZED_COLUMNS, add_length_column
 from .distributed import gather_variable
+from .inputs import frozen_copy, resolve_inputs
 
 log = logging.getLogger(__name__)
 
@@ -33,15 +44,43 @@ AMAPO_POOL = 8  # pairs per micro-batch over all processes in the official AMaPO
 
 
 class PreferenceTrainer(CrashSafeCheckpointing, Trainer):
-    def __init__(self, model, args: PrefAlignConfig, *, data_collator, ref_model=None, **kwargs):
+    """transformers.Trainer for preference pairs, called as TRL's DPOTrainer is:
+
+        trainer = PreferenceTrainer(model=model_or_name, args=PreferenceConfig(...), train_dataset=raw_or_tokenized,
+                                    eval_dataset=..., processing_class=tokenizer, ref_model=None, peft_config=None)
+
+    (`training/inputs.py` says what each may be.) Before anything is scored, two pairs go through the start-up
+    self-check (`modeling/selfcheck.py`)."""
+
+    def __init__(self, model, args: PreferenceConfig | None = None, data_collator=None, train_dataset=None,
+                 eval_dataset=None, processing_class=None, ref_model=None, peft_config=None, **kwargs):
+        args = args if args is not None else PreferenceConfig(output_dir="prefalign-output")
+        given = resolve_inputs(model, args, processing_class=processing_class, ref_model=ref_model,
+                               peft_config=peft_config, train_dataset=train_dataset, eval_dataset=eval_dataset)
+        model, ref_model, self.data_report = given.model, given.ref_model, given.data_report
         args.prefix_sharing = resolve_prefix_sharing(args.prefix_sharing, model)  # None: on where it is exact
-        if args.prefix_sharing and not isinstance(data_collator, PrefixSharedCollator):
+        if data_collator is None:
+            pad = usable_pad_id(model, given.tokenizer)
+            data_collator = PrefixSharedCollator(pad) if args.prefix_sharing else PairCollator(pad)
+        elif args.prefix_sharing and not isinstance(data_collator, PrefixSharedCollator):
             data_collator = PrefixSharedCollator(data_collator.pad_token_id)
+        train_dataset, eval_dataset = given.train_dataset, given.eval_dataset
+        if args.train_sampling_strategy == "group_by_length":
+            def grouped(ds):
+                return add_length_column(ds, args.length_column_name, packed=args.prefix_sharing)
+
+            train_dataset = grouped(train_dataset) if train_dataset is not None else None
+            if isinstance(eval_dataset, dict):
+                eval_dataset = {k: grouped(v) for k, v in eval_dataset.items()}
+            elif eval_dataset is not None:
+                eval_dataset = grouped(eval_dataset)
         spo = None
         if args.use_spo:
             spo = SPOCollator(data_collator.pad_token_id, degrees=args.spo_degrees, samples=args.spo_samples, seed=args.seed)
-        super().__init__(model=model, args=args, data_collator=TrainingCollator(data_collator, spo), **kwargs)
-        self._check_distributed_setup()
+        super().__init__(model=model, args=args, data_collator=TrainingCollator(data_collator, spo),
+                         train_dataset=train_dataset, eval_dataset=eval_dataset, processing_class=given.tokenizer,
+                         **kwargs)
+        self._check_setup()
         self.spo_head = None
         if args.use_spo:
             hidden = self.accelerator.unwrap_model(model).config.hidden_size
@@ -51,10 +90,16 @@ class PreferenceTrainer(CrashSafeCheckpointing, Trainer):
             self.add_callback(SPOEpoch(spo))
         self.loss_is_scaled_for_ga = False  # our loss is a per-micro-batch mean
         self.model_accepts_loss_kwargs = False
-        self.spec = args.loss_spec
         self.ref_mode = args.reference_mode()
         self.ref_model = None
         self._ref_packed = False  # a reference model of another family may refuse the packed layout
+        if ref_model is not None and self.ref_mode in ("none", "adapter"):
+            why = (f"loss '{args.loss_type}' is reference-free" if self.ref_mode == "none"
+                   else "with LoRA the reference is the model with its adapters disabled")
+            log.warning("ref_model is not used: %s", why)
+            ref_model = None
+        if ref_model is None and self.ref_mode == "model":
+            ref_model = frozen_copy(self.model)  # as TRL: a frozen copy of the policy
         if ref_model is not None:
             ref_model.eval().requires_grad_(False)
             self.ref_model = self.accelerator.prepare_model(ref_model, evaluation_mode=True)
@@ -62,8 +107,6 @@ class PreferenceTrainer(CrashSafeCheckpointing, Trainer):
                 self._ref_packed = bool(args.prefix_sharing and packing_plan(ref_model))
             except PrefixSharingRefused:
                 pass
-        if self.ref_mode == "model" and self.ref_model is None:
-            raise PrefalignError(f"loss '{args.loss_type}' with reference=model needs a reference model")
         self._ref_tables: dict[str, object] = {}  # split -> ReferenceTable (reference: precomputed)
         self._scoring_split: str | None = None  # set while score() runs: which table its pairs use
         self.reference_info: list[dict] = []
@@ -76,8 +119,22 @@ class PreferenceTrainer(CrashSafeCheckpointing, Trainer):
         self.add_callback(MetricsFileCallback())
         self.add_callback(NonFiniteGradientGuard(self))
         self.add_callback(SigtermCheckpoint())
+        self.self_check = self._self_check()
 
-    def _check_distributed_setup(self) -> None:
+    def _self_check(self):
+        """Two pairs scored by the fast path (packed when prefix sharing is on) and by the model's own logits,
+        on the device and under the autocast training uses; a disagreement stops here in one line."""
+        if self.train_dataset is None or len(self.train_dataset) == 0:
+            return None
+        rows = [{k: self.train_dataset[i][k] for k in TOKENIZED_COLUMNS} for i in range(min(2, len(self.train_dataset)))]
+        return check_fast_path(self.model, rows, self.data_collator.collator.pad_token_id,
+                               prefix_sharing=self.args.prefix_sharing, autocast=self.autocast_smart_context_manager)
+
+    def _check_setup(self) -> None:
+        device = next(self.model.parameters()).device
+        if getattr(self.model.config, "_attn_implementation", None) == "flex_attention" and device.type == "cpu":
+            raise PrefalignError("attn_implementation flex_attention: torch's FlexAttention has no backward pass on the "
+                                 "CPU; train with sdpa or eager here (flex_attention evaluates on the CPU)")
         if self.is_deepspeed_enabled:
             raise PrefalignError(
                 "DeepSpeed is not supported by prefalign yet (its frozen reference model and ZeRO-3's gathered "
@@ -87,7 +144,7 @@ class PreferenceTrainer(CrashSafeCheckpointing, Trainer):
             log.warning("FSDP was asked for by the launcher, but accelerate shards only on GPUs/accelerators: this "
                         "CPU run trains as DDP (every process holds the whole model; same results)")
         pool = self.args.per_device_train_batch_size * self.accelerator.num_processes
-        if self.args.loss_type == "amapo" and pool < AMAPO_POOL:
+        if "amapo" in self.args.preference_losses and pool < AMAPO_POOL:
             log.warning(
                 "AMaPO's margin statistics (mu, s) come from one micro-batch over all processes: %d pairs here "
                 "(the official runs pooled %d; at 1 pair the margin is always 0). Raise per_device_train_batch_size "
@@ -116,8 +173,10 @@ class PreferenceTrainer(CrashSafeCheckpointing, Trainer):
                   autocast=self.autocast_smart_context_manager, cache_dir=a.ref_cache_dir, resuming=resuming,
                   is_main=self.is_world_process_zero())
         loaders = {"train": (self.train_dataset, self.get_train_dataloader)}
-        if self.eval_dataset is not None:
-            loaders["eval"] = (self.eval_dataset, lambda: self.get_eval_dataloader(self.eval_dataset))
+        evals = self.eval_dataset if isinstance(self.eval_dataset, dict) else {None: self.eval_dataset}
+        for dataset in evals.values():
+            if dataset is not None:
+                loaders[self._split_of(dataset)] = (dataset, lambda d=dataset: self.get_eval_dataloader(d))
         for split, (dataset, make_loader) in loaders.items():
             # The loader is built lazily inside only when the values must be computed.
             table, info = reference_table(model, LazyLoader(make_loader), dataset, self.data_collator.collator,
@@ -160,30 +219,32 @@ class PreferenceTrainer(CrashSafeCheckpointing, Trainer):
             lp = sequence_logps(model, ids, mask, labels, with_hidden_mean=True, n_scored=2 * b)
         else:
             lp = sequence_logps(model, batch["input_ids"], batch["attention_mask"], batch["labels"])
-        used = lp.mean if self.spec.length_normalized else lp.sum
-        ref = self.reference_logps(model, batch)
-        if ref is None and self.ref_mode != "none":
+        refs = self.reference_logps(model, batch)  # (sums, means) or None
+        if refs is None and self.ref_mode != "none":
             raise PrefalignError("reference=precomputed but the batch carries no reference log-probs")
-        if ref is not None:
-            ref = ref[1] if self.spec.length_normalized else ref[0]
-        hparams = self.args.loss_hparams()
-        if self.args.loss_type == "amapo" and self.accelerator.num_processes > 1:
-            # μ and s over the micro-batch gathered from every process, as the official code does.
-            hparams["gather_fn"] = lambda t: gather_variable(self.accelerator, t)
-        out = compute_loss(
-            self.args.loss_type,
-            used[:b],
-            used[b:],
-            None if ref is None else ref[:b],
-            None if ref is None else ref[b:],
-            **hparams,
-        )
-        loss = out.losses.mean()
-        extra = {"logps/chosen": used[:b].detach().mean(), "logps/rejected": used[b:].detach().mean()}
-        if self.args.sft_weight > 0:
-            # Token-averaged NLL of the chosen completions (as the AMaPO code's CrossEntropyLoss does).
+        terms = [(n, w) for n, w in self.args.loss_terms() if n != SFT]
+        loss, out, extra = 0.0, None, {}
+        for name, weight in terms:  # total = Σ w_k · mean ℓ_k, as TRL combines a list of loss types
+            normalized = LOSSES[name].length_normalized
+            used = lp.mean if normalized else lp.sum
+            ref = None if refs is None or not LOSSES[name].needs_reference else refs[1 if normalized else 0]
+            hparams = self.args.loss_hparams(name)
+            if name == "amapo" and self.accelerator.num_processes > 1:
+                # μ and s over the micro-batch gathered from every process, as the official code does.
+                hparams["gather_fn"] = lambda t: gather_variable(self.accelerator, t)
+            term = compute_loss(name, used[:b], used[b:], None if ref is None else ref[:b],
+                                None if ref is None else ref[b:], **hparams)
+            loss = loss + weight * term.losses.mean()
+            if out is None:  # the first loss's metrics (rewards/*, grad/share_*) describe the run, as one loss
+                out = term
+                extra = {"logps/chosen": used[:b].detach().mean(), "logps/rejected": used[b:].detach().mean()}
+            if len(terms) > 1:
+                extra[f"loss/{name}"] = term.losses.detach().mean()
+        sft = self.args.sft_term_weight()
+        if sft > 0:
+            # Token-averaged NLL of the chosen completions (TRL's "sft" term; the AMaPO code's CrossEntropyLoss).
             nll = -lp.sum[:b].sum() / lp.n_tokens[:b].sum().clamp(min=1)
-            loss = loss + self.args.sft_weight * nll
+            loss = loss + sft * nll
             extra["sft_loss"] = nll.detach()
         n_spo = self._global_spo_samples(batch) if self.spo_head is not None and model.training else None
         if spo:
@@ -300,6 +361,16 @@ class PreferenceTrainer(CrashSafeCheckpointing, Trainer):
 
     # -- evaluation: ranking accuracy on held-out pairs ------------------------------------------------
     def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix: str = "eval") -> dict:
+        """Ranking accuracy and the other held-out metrics as `{prefix}_{name}` (TRL's convention); a dict of
+        eval datasets gives `eval_{dataset}_{name}` for each, as transformers does."""
+        if isinstance(eval_dataset, str):  # transformers passes a dict's key
+            eval_dataset = self.eval_dataset[eval_dataset]
+        datasets = eval_dataset if eval_dataset is not None else self.eval_dataset
+        if isinstance(datasets, dict):
+            metrics = {}
+            for name, dataset in datasets.items():
+                metrics.update(self.evaluate(dataset, ignore_keys, f"{metric_key_prefix}_{name}"))
+            return metrics
         records = self.score(eval_dataset)
         summary = summarize(records)
         metrics = {
@@ -364,6 +435,12 @@ class PreferenceTrainer(CrashSafeCheckpointing, Trainer):
         finally:
             self.data_collator.draw_spo = True
 
+    def _split_of(self, dataset) -> str:
+        """The reference table's name of an eval dataset: "eval", "eval_{name}" in a dict, else "other"."""
+        if isinstance(self.eval_dataset, dict):
+            return next((f"eval_{k}" for k, v in self.eval_dataset.items() if v is dataset), "other")
+        return "eval" if dataset is self.eval_dataset else "other"
+
     def _score(self, dataloader, eval_dataset) -> list[dict]:
         model = self._wrap_model(self.model, training=False)
 
@@ -373,7 +450,7 @@ class PreferenceTrainer(CrashSafeCheckpointing, Trainer):
             return None if ref is None else ref[0]
 
         ds = eval_dataset if eval_dataset is not None else self.eval_dataset
-        self._scoring_split = "eval" if ds is self.eval_dataset else "other"  # no table for another dataset
+        self._scoring_split = self._split_of(ds)
         has_reference = self.ref_mode in ("model", "adapter") or (
             self.ref_mode == "precomputed" and self._scoring_split in self._ref_tables
         )

@@ -1,0 +1,82 @@
+"""Preference data as the trainer takes it: a source (hub id, file, folder or an in-memory `datasets.Dataset`
+in any format prefalign reads) → tokenized pairs (+ SPO's graded versions) and a report of what was kept.
+
+Used by `prefalign train` (pipeline) and by `PreferenceTrainer` for raw datasets (the Python API), so both
+read data the same way.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from ..config import PreferenceConfig
+from ..errors import PrefalignError
+
+log = logging.getLogger(__name__)
+
+TOKENIZED_COLUMNS = ("prompt_input_ids", "chosen_input_ids", "rejected_input_ids", "row_index")
+
+
+def is_tokenized(dataset) -> bool:
+    return all(c in dataset.column_names for c in TOKENIZED_COLUMNS)
+
+
+def prepare_pairs(source, tokenizer, cfg: PreferenceConfig, *, name: str, split=None, limit=None):
+    """(tokenized dataset, report) of one source; PrefalignError when no usable pair is left."""
+    from ..data import load_preference_data, tokenize_pairs
+
+    pdata = load_preference_data(
+        source,
+        tokenizer=tokenizer,
+        split=split,
+        config_name=cfg.dataset_config,
+        columns=cfg.columns,
+        data_format=cfg.data_format,
+        chat_template=cfg.chat_template,
+        on_bad_row=cfg.on_bad_row,
+    )
+    ds = pdata.dataset
+    if limit is not None:
+        ds = ds.select(range(min(limit, len(ds))))
+    tok, tok_skipped = tokenize_pairs(
+        ds,
+        tokenizer,
+        max_length=cfg.max_length,
+        max_prompt_length=cfg.max_prompt_length,
+        truncation_mode=cfg.truncation_mode,
+        on_bad_row=cfg.on_bad_row,
+        num_proc=cfg.dataset_num_proc,
+    )
+    skipped = {**pdata.skipped}
+    for k, v in tok_skipped.items():
+        skipped[k] = skipped.get(k, 0) + v
+    report = {"source": pdata.source, "format": pdata.format, "n_rows": pdata.n_rows, "n_pairs": len(tok),
+              "skipped": skipped}
+    if cfg.use_spo:
+        from ..spo import add_spo_columns
+
+        tok, spo_counts = add_spo_columns(ds, tok, tokenizer, degrees=cfg.spo_degrees, spo_on=cfg.spo_on,
+                                          max_length=cfg.max_length)
+        report["spo"] = spo_counts
+        log.info("%s data: SPO samples from %d responses; %d responses without key phrases to grade",
+                 name, spo_counts["spo_responses"], spo_counts["spo_no_sample"])
+    skips = ", ".join(f"{k}: {v}" for k, v in skipped.items()) or "none"
+    if tok_skipped:  # the loader already reported its own counts
+        log.info("%s data: %d pairs after tokenization, skipped: %s", name, len(tok), skips)
+    if len(tok) == 0:
+        raise PrefalignError(f"{pdata.source}: no usable pairs (skipped: {skips})")
+    return tok, report
+
+
+def add_length_column(tok, column: str, *, packed: bool):
+    """The tokens a pair puts in a batch, for transformers' `train_sampling_strategy="group_by_length"`:
+    prompt + chosen + rejected in the packed (prefix-sharing) layout, prompt + the longer completion in the
+    unshared one (both completions' rows are padded to it)."""
+
+    def lengths(batch):
+        p, c, r = (batch[f"{k}_input_ids"] for k in ("prompt", "chosen", "rejected"))
+        if packed:
+            return {column: [len(a) + len(b) + len(d) for a, b, d in zip(p, c, r)]}
+        return {column: [len(a) + max(len(b), len(d)) for a, b, d in zip(p, c, r)]}
+
+    return tok.map(lengths, batched=True, desc="Measuring pair lengths")

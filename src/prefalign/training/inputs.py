@@ -1,0 +1,121 @@
+"""What `PreferenceTrainer` is given, made ready to train on — so a script written the TRL way works:
+
+- `model` a hub id or path (loaded with the config's dtype, attention implementation, revision and
+  `model_init_kwargs`) or a model object; `processing_class` the tokenizer (loaded from the model when
+  omitted; a pad token chosen when it has none);
+- `peft_config` a `peft` config object: the model is wrapped as TRL wraps it (and the reference is then the
+  model with its adapters disabled);
+- `ref_model` a model object or name: the reference (precomputed from it by default, live with
+  `reference: model`);
+- datasets raw, in any format prefalign reads (explicit, implicit transcripts, conversational, column-mapped),
+  or already tokenized by prefalign; a dict of eval datasets is kept as a dict.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+
+from ..config import PreferenceConfig
+from ..errors import PrefalignError
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class TrainerInputs:
+    model: object
+    tokenizer: object
+    ref_model: object | None
+    train_dataset: object | None
+    eval_dataset: object | None  # a dataset, or {name: dataset}
+    data_report: dict = field(default_factory=dict)
+
+
+def weights_kwargs(args: PreferenceConfig, extra: dict | None = None) -> dict:
+    """How weights load: `dtype` float32 by default, so bf16/fp16 training is autocast over fp32 master
+    weights; `extra` (model_init_kwargs) last."""
+    return {"dtype": args.dtype, "attn_implementation": args.attn_implementation, **(extra or {})}
+
+
+def _load(name: str, args: PreferenceConfig, extra: dict | None, revision=None):
+    from ..models import load_model
+
+    kw = weights_kwargs(args, extra)
+    kw.setdefault("revision", revision)
+    kw.setdefault("trust_remote_code", args.trust_remote_code)
+    return load_model(name, **kw)
+
+
+def _name_of(model) -> str | None:
+    from ..modeling import unwrap
+
+    return getattr(unwrap(model), "name_or_path", None) or None
+
+
+def resolve_inputs(model, args: PreferenceConfig, *, processing_class=None, ref_model=None, peft_config=None,
+                   train_dataset=None, eval_dataset=None) -> TrainerInputs:
+    from ..models import ensure_pad_token, load_tokenizer
+
+    if isinstance(model, str):
+        if processing_class is None:
+            processing_class = load_tokenizer(model, trust_remote_code=args.trust_remote_code, revision=args.model_revision)
+        model = _load(model, args, args.model_init_kwargs, args.model_revision)
+    if processing_class is None:
+        name = _name_of(model)
+        if not name:
+            raise PrefalignError("processing_class: give the tokenizer (the model does not name where it came from)")
+        processing_class = load_tokenizer(name, trust_remote_code=args.trust_remote_code)
+    if args.pad_token is not None:
+        if args.pad_token not in processing_class.get_vocab():
+            raise PrefalignError(f"pad_token {args.pad_token!r} is not a token of the tokenizer")
+        processing_class.pad_token = args.pad_token
+    ensure_pad_token(processing_class)
+    if peft_config is not None:
+        if args.use_peft:
+            raise PrefalignError("peft_config and use_peft: give the LoRA settings one way, not both")
+        from peft import get_peft_model
+
+        model = get_peft_model(model, peft_config)
+        args.use_peft = True  # the reference is then the model with its adapters disabled
+    if isinstance(ref_model, str):
+        ref_model = _load(ref_model, args, args.ref_model_init_kwargs)
+    if args.disable_dropout:  # TRL's default: dropout would make policy and reference disagree for no reason
+        for m in (model, ref_model):
+            if m is not None:
+                disable_dropout(m)
+    report: dict = {}
+    train_dataset = _prepared(train_dataset, processing_class, args, "train", report)
+    if isinstance(eval_dataset, dict):
+        eval_dataset = {k: _prepared(v, processing_class, args, f"eval_{k}", report) for k, v in eval_dataset.items()}
+    else:
+        eval_dataset = _prepared(eval_dataset, processing_class, args, "eval", report)
+    return TrainerInputs(model, processing_class, ref_model, train_dataset, eval_dataset, report)
+
+
+def _prepared(dataset, tokenizer, args: PreferenceConfig, name: str, report: dict):
+    """A dataset tokenized by prefalign passes through; anything else is read and tokenized here."""
+    if dataset is None:
+        return None
+    from .datasets import is_tokenized, prepare_pairs
+
+    if not isinstance(dataset, str) and is_tokenized(dataset):
+        return dataset
+    limit = args.max_train_samples if name == "train" else args.max_eval_samples
+    tokenized, report[name] = prepare_pairs(dataset, tokenizer, args, name=name, limit=limit)
+    return tokenized
+
+
+def frozen_copy(model):
+    """The reference for `reference: model` when none is given: a frozen copy of the policy, as TRL makes."""
+    import copy
+
+    return copy.deepcopy(model).eval().requires_grad_(False)
+
+
+def disable_dropout(model) -> None:
+    import torch
+
+    for module in model.modules():
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.0
