@@ -103,14 +103,14 @@ def wait_until(condition, proc: subprocess.Popen, log: Path, what: str) -> None:
         time.sleep(0.02)
 
 
-def finish(proc: subprocess.Popen, log: Path) -> str:
+def finish(proc: subprocess.Popen, log: Path, code: int = 0) -> str:
     try:
         proc.wait(timeout=TIMEOUT)
     except subprocess.TimeoutExpired:
         proc.kill()
         raise
     text = log.read_text()
-    assert proc.returncode == 0, text[-3000:]
+    assert proc.returncode == code, text[-3000:]
     assert "Traceback" not in text, text[-3000:]
     return text
 
@@ -257,20 +257,25 @@ def test_publish_replaces_a_checkpoint_of_the_same_step(tmp_path):
 
 
 @pytest.mark.slow
-def test_sigterm_saves_a_checkpoint_and_exits_cleanly(hh8, tmp_path):
+def test_sigterm_saves_a_checkpoint_and_says_the_run_was_interrupted(hh8, tmp_path):
+    """A stopped run is not a finished one: exit status 143 (128 + SIGTERM, as a shell reports it), the
+    summary says interrupted and names the checkpoint, and no final model or held-out results are written."""
     out, log = tmp_path / "run", tmp_path / "run.log"
     proc = launch(flags(hh8, out, "--max_steps", "500", "--save_strategy", "no"), log, delay=0.2)
     wait_until(lambda: (out / "metrics.jsonl").exists() and len(loss_rows(out)) >= 2, proc, log, "two logged steps")
     proc.send_signal(signal.SIGTERM)
-    text = finish(proc, log)
+    text = finish(proc, log, code=143)
     checkpoints = [p.name for p in out.iterdir() if p.name.startswith("checkpoint-")]
     assert len(checkpoints) == 1, checkpoints
     step = int(checkpoints[0].split("-")[1])
     assert 2 <= step < 500
     assert json.loads((out / checkpoints[0] / "trainer_state.json").read_text())["global_step"] == step
-    assert json.loads((out / "train_summary.json").read_text())["global_step"] == step
-    assert (out / "model.safetensors").is_file()
+    summary = json.loads((out / "train_summary.json").read_text())
+    assert summary["global_step"] == step and summary["interrupted"] is True
+    assert summary["checkpoint"] == str(out / checkpoints[0])
+    assert not (out / "model.safetensors").exists()
     assert f"SIGTERM received: saving {out / checkpoints[0]} and stopping after step {step}" in text
+    assert f"prefalign: interrupted at step {step}; {out / checkpoints[0]} holds the run" in text
     assert not [p for p in out.iterdir() if p.name.startswith(STAGING_PREFIX)]
 
 

@@ -118,6 +118,9 @@ class PreferenceConfig(TrainingArguments):
     lora_alpha: int = 32
     lora_dropout: float = 0.05
     lora_target_modules: str = field(default="all-linear", metadata={"help": "all-linear or comma-separated names"})
+    overwrite_output_dir: bool = field(
+        default=False, metadata={"help": "replace a run already in output_dir (its files are deleted first)"}
+    )
     # Trainer defaults that differ from TrainingArguments'
     remove_unused_columns: bool = field(default=False, metadata={"help": "pair columns are not model.forward args"})
     logging_steps: float = 10
@@ -151,6 +154,9 @@ class PreferenceConfig(TrainingArguments):
     def __post_init__(self):
         self._map_trl_fields()
         self._check()
+        if self.load_best_model_at_end and self.metric_for_best_model is None:
+            # transformers would pick eval_loss, which preference evaluation does not produce
+            self.metric_for_best_model, self.greater_is_better = "ranking_accuracy", True
         self._cpu_when_launched_without_accelerator()
         super().__post_init__()
 
@@ -279,6 +285,34 @@ class PreferenceConfig(TrainingArguments):
                     "or unset to derive it")
         if self.precompute_ref_log_probs and self.reference not in ("auto", "precomputed"):
             bad("precompute_ref_log_probs", f"conflicts with reference={self.reference}")
+        self._check_settings_apply(bad)
+
+    def _check_settings_apply(self, bad) -> None:
+        """A setting the chosen configuration never reads: an error where it is clearly a mistake (SPO or LoRA
+        settings with SPO or LoRA off), one warning line naming it and why otherwise. Never silently ignored."""
+        defaults = {f.name: f.default for f in dataclasses.fields(PreferenceConfig) if f.init}
+        changed = [k for k, v in defaults.items() if v is not dataclasses.MISSING and getattr(self, k) != v]
+        for key in changed:
+            if key.startswith("spo_") and not self.use_spo:
+                bad(key, "is set but use_spo is false: add use_spo: true (or remove it)")
+            if key.startswith("lora_") and not self.use_peft:
+                bad(key, "is set but use_peft is false: add use_peft: true (or remove it)")
+        taken = set().union(*(LOSSES[n].defaults for n in self.preference_losses))
+        loss_keys = {"beta": "beta", "gamma": "gamma", "label_smoothing": "label_smoothing",
+                     "amapo_variant": "amapo_variant", "amapo_z_norm": "z_norm", "amapo_exponential": "exponential",
+                     "amapo_zero_margin": "zero_margin"}
+        losses = "+".join(n for n, _ in self.loss_terms())
+        warn = logging.getLogger(__name__).warning
+        for key, name in loss_keys.items():
+            if key in changed and name not in taken:
+                warn("%s has no effect with loss_type %s (no chosen loss takes it)", key, losses)
+        if not self.needs_reference:
+            for key in ("precompute_ref_log_probs", "ref_model_name_or_path", "reference"):
+                if key in changed:
+                    warn("%s has no effect with loss_type %s (reference-free)", key, losses)
+        elif self.use_peft and self.precompute_ref_log_probs:
+            warn("precompute_ref_log_probs has no effect with use_peft: the reference is the model with its "
+                 "adapters disabled, computed live")
 
     def _check_losses(self, bad) -> None:
         """loss_type: a name or a list (a comma-separated string on the command line); TRL's names mapped."""

@@ -39,6 +39,10 @@ EVAL_FILE = "eval_results.json"
 PER_PAIR_FILE = "eval_per_pair.jsonl"
 SUMMARY_FILE = "train_summary.json"
 REFERENCE_FOLDER = "reference_logps"
+INTERRUPTED_EXIT_CODE = 143  # 128 + SIGTERM, what a shell reports for a job stopped by SIGTERM
+
+# What makes a folder hold a run: a new run is not started over it without an explicit request.
+RUN_MARKERS = (CONFIG_FILE, METRICS_FILE, SUMMARY_FILE)
 
 # Metric names the trainer writes and the analysis reads (the losses name their own, e.g. amapo/mu).
 SHARE_CORRECT = "grad/share_correct"  # share of the per-pair gradient weight |dl/dz| on pairs ranked right
@@ -110,3 +114,12 @@ def write_jsonl(rows, path) -> None:
 def append_jsonl(row: dict, path) -> None:
     with open(path, "a", encoding="utf-8") as f:
         f.write(json.dumps(row) + "\n")
+
+
+def run_files_in(folder) -> list[str]:
+    """The names in `folder` that show it holds a started or finished run (checkpoints included)."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return []
+    names = sorted(p.name for p in folder.iterdir())
+    return [n for n in names if n in RUN_MARKERS or n.startswith("checkpoint-")]

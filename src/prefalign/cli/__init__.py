@@ -36,10 +36,26 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _one_spelling(argv: list[str]) -> list[str]:
+    """TRL's underscore spelling works in every command: `--max_length` is `--max-length` outside `train`
+    (whose keys are TRL's underscore names and accept dashes)."""
+    command = next((t for t in argv if not t.startswith("-")), None)
+    if command == "train":
+        return argv
+    out = []
+    for token in argv:
+        if token.startswith("--"):
+            key, eq, value = token.partition("=")
+            token = key.replace("_", "-") + eq + value
+        out.append(token)
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     from ..errors import PrefalignError
 
     argv = sys.argv[1:] if argv is None else argv
+    argv = _one_spelling(list(argv))
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
     if getattr(args, "accepts_overrides", False):

@@ -66,7 +66,7 @@ def cpu_has_fast_bf16() -> bool:
 def run(args) -> int:
     from ..config import load_config
     from ..demo_task import write_demo_dataset
-    from ..run_files import BEFORE_PER_PAIR_FILE, PER_PAIR_FILE, read_jsonl
+    from ..run_files import BEFORE_PER_PAIR_FILE, PER_PAIR_FILE, read_jsonl, run_files_in
     from ..training.pipeline import train as run_training
 
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
@@ -82,6 +82,9 @@ def run(args) -> int:
     print(f"prefalign demo: AMaPO on {args.model}, offline. Files: {out.resolve()}")
     train_path, test_path = write_demo_dataset(out / "data", args.n_train, args.n_test, seed=0)
     settings = dict(DEMO_SETTINGS, bf16=cpu_has_fast_bf16())
+    if run_files_in(out / "run"):  # the demo's own folder: a rerun replaces the previous demo run, and says so
+        print(f"replacing the previous demo run in {out / 'run'}")
+        settings["overwrite_output_dir"] = True
     if args.max_steps:
         settings["max_steps"] = args.max_steps
     cfg = load_config(

@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import json
 import logging
+import sys
+
+from ..run_files import INTERRUPTED_EXIT_CODE
 
 
 def add_parser(sub) -> None:
@@ -37,4 +40,8 @@ def run(args) -> int:
 
     if PartialState().is_main_process:  # under `accelerate launch`, one summary, not one per process
         print(json.dumps({k: v for k, v in summary.items() if k != "data"}, indent=2, default=str))
+    if summary.get("interrupted"):
+        print(f"prefalign: interrupted at step {summary['global_step']}; {summary['checkpoint']} holds the run: "
+              "continue with --resume_from_checkpoint latest", file=sys.stderr)
+        return INTERRUPTED_EXIT_CODE  # a scheduler can tell a stopped run from a finished one
     return 0

@@ -6,6 +6,7 @@ This is what `prefalign train` and `prefalign demo` run.
 from __future__ import annotations
 
 import logging
+import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,8 +21,10 @@ from ..run_files import (
     EVAL_FILE,
     PER_PAIR_FILE,
     SUMMARY_FILE,
+    run_files_in,
     write_json,
 )
+from .checkpointing import SigtermCheckpoint
 
 log = logging.getLogger(__name__)
 
@@ -133,25 +136,38 @@ def train(cfg: PreferenceConfig, *, evaluate_before: bool = False) -> dict:
     out = Path(cfg.output_dir)
     if out.exists() and not out.is_dir():
         raise PrefalignError(f"output_dir {out}: exists and is not a folder")
-    out.mkdir(parents=True, exist_ok=True)
     resume = cfg.resume_from_checkpoint
     if isinstance(resume, str) and resume.lower() == "latest":
         from transformers.trainer_utils import get_last_checkpoint
 
-        resume = get_last_checkpoint(str(out))
+        resume = get_last_checkpoint(str(out)) if out.is_dir() else None
         if resume is None:
             raise PrefalignError(f"resume_from_checkpoint latest: no checkpoint-N folder in {out}")
     elif resume and not Path(resume).is_dir():
         raise PrefalignError(f"resume_from_checkpoint {resume}: no such checkpoint folder")
-    if cfg.process_index == 0:  # only the main process writes the run folder
-        write_json(out / CONFIG_FILE, cfg.prefalign_dict())
-    # Tokenizer and data first: a data error shows before minutes of model loading.
+    existing = run_files_in(out)
+    if existing and not resume and not cfg.overwrite_output_dir:
+        raise PrefalignError(
+            f"output_dir {out} holds a run ({', '.join(existing[:4])}); continue it with --resume_from_checkpoint "
+            "latest, replace it with --overwrite_output_dir true, or choose another output_dir"
+        )
+    if cfg.eval_strategy != "no" and not cfg.eval_dataset:
+        strategy = getattr(cfg.eval_strategy, "value", cfg.eval_strategy)
+        raise PrefalignError(f"eval_strategy {strategy}: needs an eval_dataset (or eval_strategy: no)")
+    # Every input is checked before anything is written: tokenizer and data first (a data error shows before
+    # minutes of model loading), then the model and the trainer (its start-up self-check).
     tokenizer = load_tokenizer_for(cfg)
     data = prepare_data(cfg, tokenizer)
     model, tokenizer = load_policy(cfg, tokenizer)
     trainer = build_trainer(cfg, model, tokenizer, data)
     if trainer.is_world_process_zero():
+        if existing and not resume:  # overwrite_output_dir: the old run's files go first, so none is mixed in
+            shutil.rmtree(out)
+            log.warning("overwrite_output_dir: removed the run that was in %s", out)
+        out.mkdir(parents=True, exist_ok=True)
+        write_json(out / CONFIG_FILE, cfg.prefalign_dict())
         write_json(out / DATA_REPORT_FILE, data.report)
+    trainer.accelerator.wait_for_everyone()
 
     before = None
     if evaluate_before and data.eval is not None:
@@ -164,16 +180,23 @@ def train(cfg: PreferenceConfig, *, evaluate_before: bool = False) -> dict:
     t0 = time.time()
     result = trainer.train(resume_from_checkpoint=resume)
     train_seconds = time.time() - t0
-    trainer.save_model(str(out))
-    if trainer.is_world_process_zero():
-        tokenizer.save_pretrained(str(out))
-
     summary = {"output_dir": str(out), "global_step": trainer.state.global_step, "train_seconds": train_seconds,
                "train_loss": result.training_loss, "data": data.report}
     if trainer.reference_info:
         summary["reference"] = trainer.reference_info
     if before is not None:
         summary["eval_before"] = before
+    stopped = next((c.stopped_at_step for c in trainer.callback_handler.callbacks if isinstance(c, SigtermCheckpoint)),
+                   None)
+    if stopped is not None:
+        # Interrupted: the checkpoint holds the state; no final model or held-out results that look finished.
+        summary.update(interrupted=True, checkpoint=str(out / f"checkpoint-{stopped}"))
+        if trainer.is_world_process_zero():
+            write_json(out / SUMMARY_FILE, summary)
+        return summary
+    trainer.save_model(str(out))
+    if trainer.is_world_process_zero():
+        tokenizer.save_pretrained(str(out))
     if data.eval is not None:
         records = trainer.score()
         ev = summarize(records)
