@@ -64,7 +64,7 @@ def test_explicit_degenerate_rows_are_skipped_and_counted(tmp_cache):
 
 def test_bad_option_values(tmp_cache):
     path = write_jsonl(tmp_cache / "p.jsonl", [{"prompt": "Q", "chosen": " a", "rejected": " b"}])
-    with pytest.raises(ConfigError, match="^data format 'chat': expected auto, explicit, implicit, conversational$"):
+    with pytest.raises(ConfigError, match="^data format .chat.: expected auto, explicit, implicit, conversational, judged$"):
         load_preference_data(path, data_format="chat")
     with pytest.raises(ConfigError, match="^on_bad_row 'drop': expected 'skip' or 'error'$"):
         load_preference_data(path, on_bad_row="drop")

@@ -57,7 +57,15 @@ class PreferenceConfig(TrainingArguments):
     dataset_split: str | None = None
     eval_dataset: str | None = field(default=None, metadata={"help": "held-out pairs for ranking accuracy"})
     eval_split: str | None = None
-    columns: str | None = field(default=None, metadata={"help": "column mapping, e.g. prompt=question,chosen=good,rejected=bad"})
+    columns: str | None = field(
+        default=None,
+        metadata={"help": "column mapping, e.g. prompt=question,chosen=good,rejected=bad, or for judged data "
+                          "prompt=input,response_a=output_1,response_b=output_2,winner=label"},
+    )
+    winner_values: str | None = field(
+        default=None, metadata={"help": "judged data: the verdict's value for each response, e.g. a=0,b=1 "
+                                        "(default: 1/2, a/b, model_a/model_b, response_a/response_b)"},
+    )
     data_format: str = field(default="auto", metadata={"help": "auto, explicit, implicit or conversational"})
     chat_template: str | None = field(default=None, metadata={"help": "chat template text or file for tokenizers without one"})
     on_bad_row: str = field(default="skip", metadata={"help": "skip (counted) or error"})
@@ -260,7 +268,7 @@ class PreferenceConfig(TrainingArguments):
             "truncation_mode": ("keep_end", "keep_start"),
             "on_bad_row": ("skip", "error"),
             "on_nonfinite": ("error", "skip"),
-            "data_format": ("auto", "explicit", "implicit", "conversational"),
+            "data_format": ("auto", "explicit", "implicit", "conversational", "judged"),
             "spo_on": ("both", "chosen", "rejected"),
             "dtype": DTYPES,
         }
@@ -310,7 +318,10 @@ class PreferenceConfig(TrainingArguments):
             for key in ("precompute_ref_log_probs", "ref_model_name_or_path", "reference"):
                 if key in changed:
                     warn("%s has no effect with loss_type %s (reference-free)", key, losses)
-        elif self.use_peft and self.precompute_ref_log_probs:
+        if self.winner_values is not None and "winner=" not in (self.columns or ""):
+            bad("winner_values", "is set but columns names no winner (judged data: columns response_a=…,"
+                "response_b=…,winner=…)")
+        if self.needs_reference and self.use_peft and self.precompute_ref_log_probs:
             warn("precompute_ref_log_probs has no effect with use_peft: the reference is the model with its "
                  "adapters disabled, computed live")
 

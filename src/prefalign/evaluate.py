@@ -136,7 +136,7 @@ def format_summary(summary: dict) -> str:
 # What `prefalign eval` takes from a run folder's prefalign_config.json when not given: the run is scored as
 # it was scored during training (same lengths, data format and precision).
 RUN_SETTINGS = {"max_length": 512, "max_prompt_length": None, "truncation_mode": "keep_end", "data_format": "auto",
-                "chat_template": None, "columns": None, "bf16": False, "dtype": "float32", "attn_implementation": None}
+                "chat_template": None, "columns": None, "winner_values": None, "bf16": False, "dtype": "float32", "attn_implementation": None}
 
 
 def run_settings(model: str, given: dict) -> dict:
@@ -159,6 +159,7 @@ def evaluate_path(
     split=None,
     dataset_config=None,
     columns=None,
+    winner_values=None,
     data_format=None,
     chat_template=None,
     reference=None,
@@ -192,8 +193,8 @@ def evaluate_path(
     from .models import load_model, load_tokenizer
 
     given = dict(max_length=max_length, max_prompt_length=max_prompt_length, truncation_mode=truncation_mode,
-                 data_format=data_format, chat_template=chat_template, columns=columns, bf16=bf16, dtype=dtype,
-                 attn_implementation=attn_implementation)
+                 data_format=data_format, chat_template=chat_template, columns=columns, winner_values=winner_values,
+                 bf16=bf16, dtype=dtype, attn_implementation=attn_implementation)
     st = run_settings(model, given)
     kw = dict(gguf_file=gguf_file, trust_remote_code=trust_remote_code)
     weights = dict(dtype=st["dtype"], attn_implementation=st["attn_implementation"])
@@ -202,7 +203,7 @@ def evaluate_path(
     policy = load_model(model, **kw, **weights).to(device)
     pdata = load_preference_data(
         dataset, tokenizer=tokenizer, split=split, config_name=dataset_config, columns=st["columns"],
-        data_format=st["data_format"], chat_template=st["chat_template"],
+        data_format=st["data_format"], chat_template=st["chat_template"], winner_values=st["winner_values"],
     )
     ds = pdata.dataset if limit is None else pdata.dataset.select(range(min(limit, len(pdata.dataset))))
     tok, tok_skipped = tokenize_pairs(ds, tokenizer, max_length=st["max_length"], max_prompt_length=st["max_prompt_length"],

@@ -18,9 +18,11 @@ def add_parser(subparsers) -> None:
     parser.add_argument("dataset", help="hub id, or a .json/.jsonl/.jsonl.gz/.parquet/.csv file or a folder of them")
     parser.add_argument("--split", help="split to read (hub datasets; local files have only 'train')")
     parser.add_argument("--config-name", help="hub dataset configuration")
-    parser.add_argument("--columns", help="map other column names, e.g. prompt=question,chosen=good,rejected=bad")
+    parser.add_argument("--columns", help="map other column names, e.g. prompt=question,chosen=good,rejected=bad, "
+                        "or prompt=input,response_a=output_1,response_b=output_2,winner=label (judged data)")
+    parser.add_argument("--winner-values", help="judged data: the verdict's value for each response, e.g. a=0,b=1")
     parser.add_argument(
-        "--format", default="auto", choices=("auto", "explicit", "implicit", "conversational"), help="row format"
+        "--format", default="auto", choices=("auto", "explicit", "implicit", "conversational", "judged"), help="row format"
     )
     parser.add_argument("--tokenizer", help="tokenizer path or hub id: adds token-length percentiles")
     parser.add_argument("--chat-template", help="jinja file or text, for a tokenizer without a chat template")
@@ -39,6 +41,7 @@ def run(args: argparse.Namespace) -> int:
         columns=args.columns,
         data_format=args.format,
         chat_template=args.chat_template,
+        winner_values=args.winner_values,
     )
     print(json.dumps(report) if args.json else format_report(report))
     return 0

@@ -13,7 +13,8 @@ def add_parser(sub) -> None:
     p.add_argument("--split", default=None)
     p.add_argument("--dataset-config", default=None)
     p.add_argument("--columns", default=None, help="e.g. prompt=question,chosen=good,rejected=bad")
-    p.add_argument("--format", dest="data_format", default=None, choices=["auto", "explicit", "implicit", "conversational"],
+    p.add_argument("--winner-values", default=None, help="judged data: e.g. a=0,b=1")
+    p.add_argument("--format", dest="data_format", default=None, choices=["auto", "explicit", "implicit", "conversational", "judged"],
                    help="default: a run folder's own, else auto")
     p.add_argument("--chat-template", default=None)
     p.add_argument("--reference", default=None, help="reference model: adds the DPO implicit-reward accuracy")
@@ -42,6 +43,7 @@ def run(args) -> int:
 
     summary, records = evaluate_path(
         args.model, args.dataset, split=args.split, dataset_config=args.dataset_config, columns=args.columns,
+        winner_values=args.winner_values,
         data_format=args.data_format, chat_template=args.chat_template, reference=args.reference,
         gguf_file=args.gguf_file, trust_remote_code=args.trust_remote_code, max_length=args.max_length,
         max_prompt_length=args.max_prompt_length, truncation_mode=args.truncation_mode, batch_size=args.batch_size,

@@ -5,6 +5,7 @@ implicit        chosen and rejected are whole "\\n\\nHuman: ... \\n\\nAssistant:
                 HH-RLHF); the prompt is the shared dialogue up to the last assistant marker they share.
 conversational  chosen and rejected (and maybe prompt) are lists of {role, content} messages, rendered with
                 the tokenizer's chat template.
+judged          two responses and a verdict (columns response_a, response_b, winner; `judged.py`).
 """
 
 from __future__ import annotations
@@ -16,9 +17,10 @@ from datasets import Dataset
 
 from ..errors import ConfigError, DataError
 from .chat import ChatRenderer, split_conversation
+from .judged import JUDGE_ROLES, judged_pair, parse_winner_values
 from .sources import SourcePart, locate
 
-FORMATS = ("explicit", "implicit", "conversational")
+FORMATS = ("explicit", "implicit", "conversational", "judged")
 ROLES = ("prompt", "chosen", "rejected")
 ASSISTANT_MARKER = "\n\nAssistant:"
 
@@ -31,20 +33,34 @@ def parse_columns(columns: dict[str, str] | str | None) -> dict[str, str]:
             raise ConfigError(f"columns {columns!r}: expected ROLE=COLUMN pairs, e.g. prompt=question,chosen=good")
         columns = {role.strip(): column.strip() for role, column in pairs}
     columns = dict(columns or {})
-    unknown = sorted(set(columns) - set(ROLES))
+    unknown = sorted(set(columns) - set(ROLES) - set(JUDGE_ROLES))
     if unknown:
-        raise ConfigError(f"columns: unknown role {unknown[0]!r} (roles are prompt, chosen, rejected)")
+        raise ConfigError(f"columns: unknown role {unknown[0]!r} (roles are prompt, chosen, rejected, or "
+                          "response_a, response_b, winner for judged data)")
+    judged = [r for r in JUDGE_ROLES if r in columns]
+    if judged:
+        if len(judged) < len(JUDGE_ROLES):
+            missing = ", ".join(r for r in JUDGE_ROLES if r not in columns)
+            raise ConfigError(f"columns: judged data needs response_a, response_b and winner (missing {missing})")
+        if "chosen" in columns or "rejected" in columns:
+            raise ConfigError("columns: give chosen/rejected, or response_a/response_b/winner, not both")
+        return {"prompt": columns.get("prompt", "prompt"), **{r: columns[r] for r in JUDGE_ROLES}}
     return {role: columns.get(role, role) for role in ROLES}
+
+
+def is_judged(columns: dict[str, str]) -> bool:
+    return "winner" in columns
 
 
 def select_pair_columns(dataset: Dataset, name: str, columns: dict[str, str], data_format: str | None) -> Dataset:
     """Keep only the mapped columns (data_format None: not forced); a missing one stops with the nearest name as a hint."""
     prompt_required = data_format == "explicit" or columns["prompt"] != "prompt"  # forced, or mapped by the user
-    required = ["chosen", "rejected"] + (["prompt"] if prompt_required else [])
+    answers = list(JUDGE_ROLES) if is_judged(columns) else ["chosen", "rejected"]
+    required = answers + (["prompt"] if prompt_required else [])
     for role in required:
         if columns[role] not in dataset.column_names:
             raise DataError(f"{name}: row 1: {_missing_column(role, columns[role], dataset.column_names)}")
-    keep = [columns[role] for role in ROLES if columns[role] in dataset.column_names]
+    keep = [columns[role] for role in ("prompt", *answers) if columns[role] in dataset.column_names]
     if data_format == "implicit" and columns["prompt"] in keep:
         keep.remove(columns["prompt"])  # the transcripts carry the prompt
     return dataset.select_columns(list(dict.fromkeys(keep)))
@@ -60,6 +76,8 @@ def _missing_column(role: str, column: str, found: list[str]) -> str:
 
 
 def detect_format(first_row: dict, columns: dict[str, str], where: str) -> str:
+    if is_judged(columns):
+        return "judged"
     chosen = first_row[columns["chosen"]]
     if isinstance(chosen, list) and all(isinstance(message, dict) for message in chosen):
         return "conversational"
@@ -76,20 +94,26 @@ def normalize(
     columns: dict[str, str],
     parts: list[SourcePart],
     renderer: ChatRenderer | None,
+    winner_values=None,
 ) -> Dataset:
     """Map every row to prompt/chosen/rejected strings, row_index and skip_reason ("" to keep the pair)."""
+    winners = parse_winner_values(winner_values) if data_format == "judged" else None
     return dataset.map(
         _normalize_row,
         with_indices=True,
         remove_columns=dataset.column_names,
-        fn_kwargs={"data_format": data_format, "columns": columns, "parts": parts, "renderer": renderer},
+        fn_kwargs={"data_format": data_format, "columns": columns, "parts": parts, "renderer": renderer,
+                   "winners": winners},
         desc=f"Reading {data_format} pairs",
     )
 
 
-def _normalize_row(row, index, *, data_format, columns, parts, renderer):
+def _normalize_row(row, index, *, data_format, columns, parts, renderer, winners=None):
     where = locate(parts, index)
-    if data_format == "conversational":
+    if data_format == "judged":
+        prompt, chosen, rejected, reason = judged_pair(row, columns, winners)
+        reason = reason or degenerate_reason(chosen, rejected)
+    elif data_format == "conversational":
         prompt, chosen, rejected, reason = _conversational(row, columns, renderer, where)
     else:
         chosen, rejected = _text(row, columns["chosen"], where), _text(row, columns["rejected"], where)

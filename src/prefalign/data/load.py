@@ -7,6 +7,7 @@ from dataclasses import dataclass
 
 from datasets import Dataset
 
+from ..errors import ConfigError
 from .chat import ChatRenderer
 from .formats import check_format, detect_format, normalize, parse_columns, select_pair_columns
 from .skips import check_on_bad_row, drop_skipped
@@ -40,6 +41,7 @@ def load_preference_data(
     data_format: str = "auto",
     chat_template: str | None = None,
     on_bad_row: str = "skip",
+    winner_values: str | dict | None = None,
 ) -> PreferenceData:
     """Read preference pairs from a hub id, a .json/.jsonl/.jsonl.gz/.parquet/.csv file or a folder of them,
     or a `datasets.Dataset` built in memory.
@@ -65,8 +67,10 @@ def load_preference_data(
             prepare=lambda dataset, name: select_pair_columns(dataset, name, columns, forced),
         )
     found = forced or detect_format(raw[0], columns, locate(parts, 0))
+    if found == "judged" and "winner" not in columns:
+        raise ConfigError("data format judged: name the columns, e.g. --columns response_a=A,response_b=B,winner=W")
     renderer = ChatRenderer(tokenizer, chat_template) if found == "conversational" else None
-    normalized = normalize(raw, found, columns, parts, renderer)
+    normalized = normalize(raw, found, columns, parts, renderer, winner_values)
     dataset, skipped = drop_skipped(normalized, on_bad_row, lambda row_index: locate(parts, row_index))
     label = IN_MEMORY if isinstance(source, Dataset) else str(source)
     data = PreferenceData(dataset=dataset, format=found, n_rows=len(raw), skipped=skipped, source=label)

@@ -15,6 +15,8 @@ REASONS = {
     "empty_completion": "a completion is empty",
     "truncated_to_nothing": "the prompt fills max_length, leaving no room for the completions",
     "identical_after_truncation": "chosen and rejected are identical once truncated to max_length",
+    "no_winner": "the verdict names neither response as better (a tie, both bad, or missing)",
+    "response_not_text": "a response (or the prompt) is not text",
 }
 ON_BAD_ROW = ("skip", "error")
 

@@ -34,6 +34,7 @@ def prepare_pairs(source, tokenizer, cfg: PreferenceConfig, *, name: str, split=
         data_format=cfg.data_format,
         chat_template=cfg.chat_template,
         on_bad_row=cfg.on_bad_row,
+        winner_values=cfg.winner_values,
     )
     ds = pdata.dataset
     if limit is not None:
