@@ -84,3 +84,19 @@ def test_old_names_are_aliases(tmp_path):
     recipe.write_text("warmup_ratio: 0.1\nevaluation_strategy: 'no'\nuse_cpu: true\n")
     cfg = load_config(recipe)
     assert cfg.warmup_steps == pytest.approx(0.1)
+
+
+def test_recipe_inputs_resolve_from_the_recipe_folder(tmp_path, monkeypatch):
+    folder = tmp_path / "project" / "recipes"
+    folder.mkdir(parents=True)
+    recipe = folder / "r.yaml"
+    recipe.write_text("dataset: ../data/train.jsonl\neval_dataset: test.jsonl\nmodel_name_or_path: org/model\n"
+                      "output_dir: runs/x\nuse_cpu: true\n")
+    monkeypatch.chdir(tmp_path)  # elsewhere: the recipe's paths still point at its own files
+    cfg = load_config(recipe)
+    assert cfg.dataset == str(tmp_path / "project" / "data" / "train.jsonl")
+    assert cfg.eval_dataset == str(folder / "test.jsonl")
+    assert cfg.model_name_or_path == "org/model"  # a hub id stays a hub id
+    assert cfg.output_dir == "runs/x"  # outputs go where prefalign runs
+    # a command-line value is relative to where the command runs, as any shell path
+    assert load_config(recipe, ["--dataset", "mine.jsonl"]).dataset == "mine.jsonl"

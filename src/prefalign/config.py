@@ -508,6 +508,22 @@ def coerce(key: str, value, where: str):
         raise ConfigError(f"{where}: {key}={value!r}: {e}") from None
 
 
+# Keys naming inputs: a relative local path in a recipe is read from the recipe's folder, wherever prefalign
+# runs. Outputs (output_dir) stay relative to where it runs.
+RECIPE_RELATIVE_KEYS = ("dataset", "eval_dataset", "model_name_or_path", "ref_model_name_or_path", "chat_template")
+LOCAL_SUFFIXES = (".json", ".jsonl", ".jsonl.gz", ".parquet", ".csv", ".jinja", ".gguf")
+
+
+def _from_recipe_folder(key: str, value, recipe: Path):
+    """A relative local path ("./x", "../x", or a data/template file name) made absolute from the recipe's
+    folder; hub ids ("org/name") and absolute paths are left as they are."""
+    if key not in RECIPE_RELATIVE_KEYS or not isinstance(value, str) or Path(value).expanduser().is_absolute():
+        return value
+    if value.startswith(("./", "../")) or value.endswith(LOCAL_SUFFIXES):
+        return str((recipe.parent / value).resolve())
+    return value
+
+
 def parse_overrides(argv: list[str]) -> dict:
     """`--key value`, `--key=value` and bare `--flag` (= true) into a dict, unknown keys rejected."""
     out: dict = {}
@@ -550,7 +566,7 @@ def load_config(recipe: str | Path | None = None, overrides: list[str] | dict | 
             key = _canonical(str(key))
             if key not in config_fields():
                 raise _unknown_key(str(key), str(path))
-            values[key] = coerce(key, val, str(path))
+            values[key] = _from_recipe_folder(key, coerce(key, val, str(path)), path)
     if isinstance(overrides, dict):
         over = {_canonical(k): v for k, v in overrides.items()}
         for k in over:
