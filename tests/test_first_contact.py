@@ -112,3 +112,24 @@ def test_underscore_flags_work_in_every_command(pairs, tmp_path, capsys):
     assert cli_main(["eval", "--model", str(out), "--dataset", str(pairs), "--max_length", "48", "--batch_size", "2",
                      "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["settings"]["max_length"] == 48
+
+
+def test_console_is_short_lines_and_a_summary_table(pairs, tmp_path, capsys):
+    """Training prints one short line per logged step (numbers as numbers) — even when max_steps is below
+    logging_steps — and ends with a table; --json prints one object instead."""
+    out = tmp_path / "run"
+    code = cli_main(["train", "--model_name_or_path", str(shared_path("models", "stories260K")), "--dataset",
+                     str(pairs), "--eval_dataset", str(pairs), "--output_dir", str(out), "--use_cpu",
+                     "--report_to", "none", "--save_strategy", "no", "--max_steps", "3", "--logging_steps", "10",
+                     "--per_device_train_batch_size", "2", "--max_length", "64", "--disable_tqdm", "true"])
+    text = capsys.readouterr().out
+    assert code == 0
+    steps = [line for line in text.splitlines() if line.startswith("step ")]
+    assert len(steps) == 1 and steps[0].startswith("step 3/3  loss ") and len(steps[0]) < 120
+    assert "{'loss'" not in text and "{" not in text  # no dict of numbers as strings
+    assert f"run: {out}" in text and "held-out         ranking accuracy" in text and "(95 % " in text
+    code = cli_main(["train", "--model_name_or_path", str(shared_path("models", "stories260K")), "--dataset",
+                     str(pairs), "--output_dir", str(tmp_path / "json"), "--use_cpu", "--report_to", "none",
+                     "--save_strategy", "no", "--max_steps", "1", "--per_device_train_batch_size", "2",
+                     "--max_length", "64", "--disable_tqdm", "true", "--json"])
+    assert code == 0 and json.loads(capsys.readouterr().out.strip().splitlines()[-1])["global_step"] == 1

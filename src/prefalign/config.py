@@ -166,6 +166,8 @@ class PreferenceConfig(TrainingArguments):
             # transformers would pick eval_loss, which preference evaluation does not produce
             self.metric_for_best_model, self.greater_is_better = "ranking_accuracy", True
         self._cpu_when_launched_without_accelerator()
+        if self.dataloader_pin_memory and (self.use_cpu or not _has_accelerator()):
+            self.dataloader_pin_memory = False  # pinning needs an accelerator; torch would warn at every loader
         super().__post_init__()
 
     def _map_trl_fields(self) -> None:
@@ -429,6 +431,12 @@ class PreferenceConfig(TrainingArguments):
                 v = str(v)
             out[f.name] = v
         return out
+
+
+def _has_accelerator() -> bool:
+    import torch
+
+    return torch.cuda.is_available() or (hasattr(torch, "xpu") and torch.xpu.is_available())
 
 
 # -- loading: YAML recipe + command-line overrides -----------------------------------------------------

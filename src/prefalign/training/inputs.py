@@ -71,6 +71,7 @@ def resolve_inputs(model, args: PreferenceConfig, *, processing_class=None, ref_
             raise PrefalignError(f"pad_token {args.pad_token!r} is not a token of the tokenizer")
         processing_class.pad_token = args.pad_token
     ensure_pad_token(processing_class)
+    _align_special_tokens(model, processing_class)
     if peft_config is not None:
         if args.use_peft:
             raise PrefalignError("peft_config and use_peft: give the LoRA settings one way, not both")
@@ -119,3 +120,18 @@ def disable_dropout(model) -> None:
     for module in model.modules():
         if isinstance(module, torch.nn.Dropout):
             module.p = 0.0
+
+
+def _align_special_tokens(model, tokenizer) -> None:
+    """The model's config (and generation config) take the tokenizer's pad/bos/eos ids, as transformers'
+    Trainer would — here, so the run does not open with its notice about it."""
+    from ..modeling import unwrap
+
+    inner = unwrap(model)
+    for config in (inner.config, getattr(inner, "generation_config", None)):
+        if config is None:
+            continue
+        for name in ("pad_token_id", "bos_token_id", "eos_token_id"):
+            value = getattr(tokenizer, name, None)
+            if value is not None and getattr(config, name, None) != value:
+                setattr(config, name, value)

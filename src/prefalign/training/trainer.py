@@ -13,6 +13,7 @@ from collections import defaultdict
 
 import torch
 from transformers import Trainer
+from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
 from ..config import SFT, PreferenceConfig
 from ..data.collate import PairCollator
@@ -34,6 +35,7 @@ from ..spo import SPOCollator, SPOHead, all_degree_packed, all_degree_rows, spo_
 from .callbacks import MetricsFileCallback, NonFiniteGradientGuard, ReferencePass, SPOEpoch, SPOHeadGradSync
 from .checkpointing import CrashSafeCheckpointing, SigtermCheckpoint
 from .collate import TrainingCollator, pad_cat
+from .console import Console
 from .datasets import TOKENIZED_COLUMNS, add_length_column
 from .distributed import gather_variable
 from .inputs import frozen_copy, resolve_inputs
@@ -116,6 +118,9 @@ class PreferenceTrainer(CrashSafeCheckpointing, Trainer):
         self._alloc = {"train": [0.0, 0.0], "eval": [0.0, 0.0]}  # gradient weight on correct / all pairs
         self._skipped = defaultdict(int)
         self._rows_since_step: set[int] = set()
+        for default in (ProgressCallback, PrinterCallback):  # short lines instead of the logs dict
+            self.remove_callback(default)
+        self.add_callback(Console())
         self.add_callback(MetricsFileCallback())
         self.add_callback(NonFiniteGradientGuard(self))
         self.add_callback(SigtermCheckpoint())
