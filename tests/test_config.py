@@ -100,3 +100,10 @@ def test_recipe_inputs_resolve_from_the_recipe_folder(tmp_path, monkeypatch):
     assert cfg.output_dir == "runs/x"  # outputs go where prefalign runs
     # a command-line value is relative to where the command runs, as any shell path
     assert load_config(recipe, ["--dataset", "mine.jsonl"]).dataset == "mine.jsonl"
+
+
+def test_list_keys_from_the_command_line_take_their_element_type():
+    cfg = load_config(None, ["--loss_type", "sigmoid,sft", "--loss_weights", "1.0,0.5", "--report_to", "none"])
+    assert cfg.loss_type == ["dpo", "sft"] and cfg.loss_weights == [1.0, 0.5]
+    with pytest.raises(ConfigError, match=r"^command line: loss_weights='1,x': could not convert string to float"):
+        load_config(None, ["--loss_type", "sigmoid,sft", "--loss_weights", "1,x", "--report_to", "none"])

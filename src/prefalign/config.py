@@ -468,6 +468,15 @@ def _type_options(key: str) -> tuple[type, ...]:
     return (origin or hint,)
 
 
+def _list_element_type(key: str):
+    """The element type of a `list[X]` field (None when the field has no list type)."""
+    hint = typing.get_type_hints(PreferenceConfig)[key]
+    for arg in (typing.get_args(hint) or (hint,)):
+        if typing.get_origin(arg) is list and typing.get_args(arg):
+            return typing.get_args(arg)[0]
+    return None
+
+
 def coerce(key: str, value, where: str):
     """Turn a YAML or command-line value into the field's type, or fail naming the key."""
     if not isinstance(value, str):
@@ -507,8 +516,10 @@ def coerce(key: str, value, where: str):
             except ValueError:
                 if str not in opts:
                     raise
-        if list in opts and str not in opts:
-            return [s.strip() for s in text.split(",") if s.strip()]
+        if list in opts and (str not in opts or "," in text):
+            items = [s.strip() for s in text.split(",") if s.strip()]
+            element = _list_element_type(key)
+            return [element(item) for item in items] if element in (int, float) else items
         if dict in opts and text.startswith("{"):
             return json.loads(text)
         return value
