@@ -172,3 +172,28 @@ def test_a_dict_of_eval_datasets_gives_prefixed_metrics(tokenizer, tmp_path):
     metrics = trainer.evaluate()
     assert metrics["eval_easy_n_pairs"] == 2 and metrics["eval_hard_n_pairs"] == 2
     assert {"eval_easy_ranking_accuracy", "eval_hard_ranking_accuracy"} <= set(metrics)
+
+
+def test_a_script_does_not_write_over_a_run_without_asking(tokenizer, tmp_path):
+    from prefalign.errors import PrefalignError
+
+    def trainer(**overrides):
+        return PreferenceTrainer(model=str(shared_path("models", "stories260K")), processing_class=tokenizer,
+                                 args=_args(tmp_path, max_steps=1, **overrides), train_dataset=Dataset.from_list(EXPLICIT))
+
+    trainer().train()
+    metrics = (tmp_path / "run" / "metrics.jsonl").read_text()
+    with pytest.raises(PrefalignError, match=r"holds a run .*--resume_from_checkpoint latest.*--overwrite_output_dir true"):
+        trainer().train()
+    assert (tmp_path / "run" / "metrics.jsonl").read_text() == metrics  # untouched
+    trainer(overwrite_output_dir=True).train()
+    assert len((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()) == 2  # the new run's rows only
+
+
+def test_model_init_kwargs_reach_the_model_from_a_recipe(tmp_path):
+    from prefalign.config import load_config
+    from prefalign.training.pipeline import load_policy
+
+    cfg = load_config(None, ["--model_name_or_path", str(shared_path("models", "stories260K")), "--report_to", "none",
+                             "--output_dir", str(tmp_path / "run"), "--model_init_kwargs", '{"attn_implementation": "eager"}'])
+    assert load_policy(cfg)[0].config._attn_implementation == "eager"

@@ -123,3 +123,24 @@ def run_files_in(folder) -> list[str]:
         return []
     names = sorted(p.name for p in folder.iterdir())
     return [n for n in names if n in RUN_MARKERS or n.startswith("checkpoint-")]
+
+
+def claim_run_folder(folder, *, resume, overwrite: bool) -> list[str]:
+    """The run already in `folder` (names, as `run_files_in`); PrefalignError when there is one and the caller
+    neither resumes nor asked to overwrite it. Nothing is deleted here (`clear_run_folder`, once inputs passed)."""
+    existing = run_files_in(folder)
+    if existing and not resume and not overwrite:
+        raise PrefalignError(
+            f"output_dir {folder} holds a run ({', '.join(existing[:4])}); continue it with --resume_from_checkpoint "
+            "latest, replace it with --overwrite_output_dir true, or choose another output_dir"
+        )
+    return existing
+
+
+def clear_run_folder(folder) -> None:
+    """overwrite_output_dir: the old run's files go first, so none of them is mixed into the new run."""
+    import logging
+    import shutil
+
+    shutil.rmtree(folder)
+    logging.getLogger(__name__).warning("overwrite_output_dir: removed the run that was in %s", folder)

@@ -6,7 +6,6 @@ This is what `prefalign train` and `prefalign demo` run.
 from __future__ import annotations
 
 import logging
-import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,7 +20,8 @@ from ..run_files import (
     EVAL_FILE,
     PER_PAIR_FILE,
     SUMMARY_FILE,
-    run_files_in,
+    claim_run_folder,
+    clear_run_folder,
     write_json,
 )
 from .checkpointing import SigtermCheckpoint
@@ -59,10 +59,10 @@ def _model_kwargs(cfg: PreferenceConfig) -> dict:
     return dict(gguf_file=cfg.gguf_file, trust_remote_code=cfg.trust_remote_code, revision=cfg.model_revision)
 
 
-def _weights_kwargs(cfg: PreferenceConfig) -> dict:
+def _weights_kwargs(cfg: PreferenceConfig, reference: bool = False) -> dict:
     from .inputs import weights_kwargs
 
-    return weights_kwargs(cfg)
+    return weights_kwargs(cfg, cfg.ref_model_init_kwargs if reference else cfg.model_init_kwargs)
 
 
 def _warn_low_precision_weights(cfg: PreferenceConfig, model) -> None:
@@ -120,7 +120,7 @@ def build_trainer(cfg: PreferenceConfig, model, tokenizer, data: PreparedData):
 
         # reference: model keeps it; precomputed scores the pairs with it when training begins, then frees it.
         ref_model = load_model(cfg.ref_model_name_or_path, trust_remote_code=cfg.trust_remote_code,
-                               **_weights_kwargs(cfg))
+                               **_weights_kwargs(cfg, reference=True))
     # Without a reference name: precomputed scores with the policy before its first update; model makes a
     # frozen copy of the policy (in its dtype: a first DPO loss of exactly log 2).
     return PreferenceTrainer(model, cfg, ref_model=ref_model, train_dataset=data.train, eval_dataset=data.eval,
@@ -145,12 +145,7 @@ def train(cfg: PreferenceConfig, *, evaluate_before: bool = False) -> dict:
             raise PrefalignError(f"resume_from_checkpoint latest: no checkpoint-N folder in {out}")
     elif resume and not Path(resume).is_dir():
         raise PrefalignError(f"resume_from_checkpoint {resume}: no such checkpoint folder")
-    existing = run_files_in(out)
-    if existing and not resume and not cfg.overwrite_output_dir:
-        raise PrefalignError(
-            f"output_dir {out} holds a run ({', '.join(existing[:4])}); continue it with --resume_from_checkpoint "
-            "latest, replace it with --overwrite_output_dir true, or choose another output_dir"
-        )
+    existing = claim_run_folder(out, resume=resume, overwrite=cfg.overwrite_output_dir)
     if cfg.eval_strategy != "no" and not cfg.eval_dataset:
         strategy = getattr(cfg.eval_strategy, "value", cfg.eval_strategy)
         raise PrefalignError(f"eval_strategy {strategy}: needs an eval_dataset (or eval_strategy: no)")
@@ -161,13 +156,13 @@ def train(cfg: PreferenceConfig, *, evaluate_before: bool = False) -> dict:
     model, tokenizer = load_policy(cfg, tokenizer)
     trainer = build_trainer(cfg, model, tokenizer, data)
     if trainer.is_world_process_zero():
-        if existing and not resume:  # overwrite_output_dir: the old run's files go first, so none is mixed in
-            shutil.rmtree(out)
-            log.warning("overwrite_output_dir: removed the run that was in %s", out)
+        if existing and not resume:
+            clear_run_folder(out)
         out.mkdir(parents=True, exist_ok=True)
         write_json(out / CONFIG_FILE, cfg.prefalign_dict())
         write_json(out / DATA_REPORT_FILE, data.report)
     trainer.accelerator.wait_for_everyone()
+    trainer.run_folder_claimed = True  # checked above, before our own files were written
 
     before = None
     if evaluate_before and data.eval is not None:

@@ -30,7 +30,7 @@ from ..modeling import (
     usable_pad_id,
 )
 from ..modeling.packing import PrefixSharedCollator, packed_inputs, prefix_shared_logps
-from ..run_files import SHARE_CORRECT, SHARE_MISRANKED, SKIPPED_PREFIX
+from ..run_files import SHARE_CORRECT, SHARE_MISRANKED, SKIPPED_PREFIX, claim_run_folder, clear_run_folder
 from ..spo import SPOCollator, SPOHead, all_degree_packed, all_degree_rows, spo_loss
 from .callbacks import MetricsFileCallback, NonFiniteGradientGuard, ReferencePass, SPOEpoch, SPOHeadGradSync
 from .checkpointing import CrashSafeCheckpointing, SigtermCheckpoint
@@ -125,6 +125,19 @@ class PreferenceTrainer(CrashSafeCheckpointing, Trainer):
         self.add_callback(NonFiniteGradientGuard(self))
         self.add_callback(SigtermCheckpoint())
         self.self_check = self._self_check()
+        self.run_folder_claimed = False  # prefalign train checks it before writing its files; scripts at train()
+
+    def train(self, resume_from_checkpoint=None, **kwargs):
+        """As transformers' train, but an output_dir that holds a run is refused unless resumed or
+        overwrite_output_dir (then the old run is deleted first): a run folder is a record."""
+        if not self.run_folder_claimed:
+            resume = resume_from_checkpoint or self.args.resume_from_checkpoint
+            existing = claim_run_folder(self.args.output_dir, resume=resume, overwrite=self.args.overwrite_output_dir)
+            if existing and not resume and self.is_world_process_zero():
+                clear_run_folder(self.args.output_dir)
+            self.accelerator.wait_for_everyone()
+            self.run_folder_claimed = True
+        return super().train(resume_from_checkpoint=resume_from_checkpoint, **kwargs)
 
     def _self_check(self):
         """Two pairs scored by the fast path (packed when prefix sharing is on) and by the model's own logits,
