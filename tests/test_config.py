@@ -39,7 +39,7 @@ def test_unknown_key_suggests_the_nearest(tmp_path):
     [
         (["--beta", "-1"], "beta: must be > 0"),
         (["--label_smoothing", "0.5"], r"label_smoothing: must be in \[0, 0.5\)"),
-        (["--loss_type", "dpp"], "did you mean 'dpo'"),
+        (["--loss_type", "dppo"], "did you mean 'dpo'"),
         (["--amapo_variant", "papper"], "amapo_variant: must be one of official, paper"),
         (["--max_prompt_length", "600"], "max_prompt_length"),
         (["--beta", "abc"], "beta='abc'"),

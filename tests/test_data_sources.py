@@ -100,7 +100,8 @@ def test_column_mapping_from_string_or_dict(tmp_path):
     ("columns", "message"),
     [
         ("prompt", "columns 'prompt': expected ROLE=COLUMN pairs, e.g. prompt=question,chosen=good"),
-        ("answer=x", "columns: unknown role 'answer' (roles are prompt, chosen, rejected, or response_a, response_b, winner for judged data)"),
+        ("answer=x", "columns: unknown role 'answer' (roles are prompt, chosen, rejected, score_chosen, score_rejected, "
+         "or response_a, response_b, winner for judged data)"),
     ],
 )
 def test_bad_column_mapping(tmp_path, columns, message):

@@ -337,7 +337,7 @@ def test_unknown_loss_lists_valid_names():
 def test_unknown_loss_suggests_close_name():
     pc, pr = free_inputs()
     with pytest.raises(ValueError, match="did you mean 'dpo'"):
-        compute_loss("dpp", pc, pr)
+        compute_loss("dppo", pc, pr)
     with pytest.raises(ValueError, match="did you mean 'simpo'"):
         compute_loss("simpoo", pc, pr)
 

@@ -146,13 +146,17 @@ def test_loss_list_with_weights_is_the_weighted_sum(tokenizer, tmp_path):
 
 
 @pytest.mark.parametrize(("kwargs", "message"), [
-    ({"use_weighting": True}, r"^use_weighting: TRL's use_weighting is not supported by prefalign; WPO"),
+    ({"loss_type": "aot", "use_weighting": True}, r"^use_weighting: WPO weights are per pair, and aot/aot_unpaired sort"),
     ({"padding_free": True}, r"^padding_free: TRL's padding_free is not supported by prefalign; prefix_sharing"),
-    ({"loss_type": "nca_pair"}, r"^loss_type: TRL's loss_type 'nca_pair' is not supported by prefalign yet"),
+    ({"loss_type": "nca_pair", "f_divergence_type": "js_divergence"}, r"^f_divergence_type: applies only to the "),
+    ({"loss_type": "dpo", "alpha": 0.5}, r"^alpha: is a hyperparameter of alpha_dpo, and loss_type is dpo \(TRL CPO's AlphaPO"),
+    ({"loss_type": "exo_pair"}, r"^label_smoothing: exo_pair needs label_smoothing > 0"),
     ({"loss_type": ["sigmoid", "sft"], "loss_weights": [1.0]}, r"^loss_weights: 1 weights for 2 loss types$"),
-    ({"sync_ref_model": True}, r"^sync_ref_model: TRL's sync_ref_model is not supported"),
+    ({"loss_type": "dpo", "sync_ref_model": True, "precompute_ref_log_probs": True},
+     r"^sync_ref_model: a precomputed reference is fixed"),
+    ({"sync_ref_model": True}, r"^sync_ref_model: the chosen losses are reference-free"),
 ])
-def test_trl_names_without_a_prefalign_meaning_are_refused_in_one_line(kwargs, message, tmp_path):
+def test_trl_settings_that_cannot_apply_are_refused_in_one_line(kwargs, message, tmp_path):
     with pytest.raises(ConfigError, match=message) as e:
         _args(tmp_path, **kwargs)
     assert "\n" not in str(e.value)

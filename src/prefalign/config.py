@@ -26,9 +26,8 @@ from .losses.amapo import VARIANTS
 REFERENCE_MODES = ("auto", "precomputed", "model", "adapter")
 SFT = "sft"  # a loss term: the chosen completions' token-averaged NLL (TRL's "sft" loss_type)
 LOSS_ALIASES = {"sigmoid": "dpo"}  # TRL's names with the same meaning
-# TRL 1.16 DPOTrainer loss types prefalign does not have (yet): refused by name, never a look-alike.
-TRL_LOSS_TYPES = ("exo_pair", "nca_pair", "bco_pair", "sppo_hard", "aot", "aot_unpaired", "apo_zero", "apo_down",
-                  "discopop", "sigmoid_norm")
+# Loss hyperparameters whose config key differs from the loss function's argument name.
+HPARAM_KEYS = {"z_norm": "amapo_z_norm", "exponential": "amapo_exponential", "zero_margin": "amapo_zero_margin"}
 DTYPES = ("float32", "bfloat16", "float16", "auto")
 ATTN_IMPLEMENTATIONS = ("eager", "sdpa", "flex_attention", "flash_attention_2", "flash_attention_3")
 
@@ -97,6 +96,28 @@ class PreferenceConfig(TrainingArguments):
     amapo_z_norm: bool = True
     amapo_exponential: bool = True
     amapo_zero_margin: bool = True
+    # The other losses' hyperparameters (docs/losses.md); None = the loss's default
+    alpha: float | None = field(default=None, metadata={"help": "alpha_dpo: weight of the normalised margin (TRL CPO's "
+                                                                "AlphaPO alpha is not supported)"})
+    gamma_beta_ratio: float | None = field(default=None, metadata={"help": "alpha_dpo: the fixed part of the margin, γ/β"})
+    rho: float | None = field(default=None, metadata={"help": "beta_dpo: fraction of each batch the data filter drops"})
+    beta_dpo_a: float | None = field(default=None, metadata={"help": "beta_dpo: how strongly β follows the batch's gap"})
+    odpo_alpha: float | None = field(default=None, metadata={"help": "odpo: scale of the offset log(score gap)"})
+    rdpo_alpha: float | None = field(default=None, metadata={"help": "rdpo: weight of the token-length difference"})
+    dpop_lambda: float | None = field(default=None, metadata={"help": "dpop: weight of the chosen-likelihood penalty"})
+    cpo_alpha: float | None = field(default=None, metadata={"help": "cpo: weight of the chosen NLL; with another loss "
+                                                                    "(TRL CPOConfig's simpo) = sft_weight"})
+    discopop_tau: float | None = field(default=None, metadata={"help": "discopop: temperature of the modulation (0.05)"})
+    f_divergence_type: str = field(default="reverse_kl", metadata={"help": "reverse_kl, forward_kl, js_divergence or "
+                                                                           "alpha_divergence (f-DPO; TRL's losses)"})
+    f_alpha_divergence_coef: float = field(default=0.5, metadata={"help": "α of alpha_divergence"})
+    ld_alpha: float | None = field(default=None, metadata={"help": "LD-DPO: weight in [0, 1] of the tokens past the "
+                                                                   "shorter completion's length"})
+    use_weighting: bool = field(default=False, metadata={"help": "WPO: weight each pair by its probability under the policy"})
+    wpo_clamp: bool = field(default=False, metadata={"help": "cap WPO weights at 1 as the WPO authors' code (TRL does not)"})
+    sync_ref_model: bool = field(default=False, metadata={"help": "TR-DPO: mix the policy into the reference model"})
+    ref_model_mixup_alpha: float = field(default=0.6, metadata={"help": "TR-DPO: ref <- (1-a)*ref + a*policy"})
+    ref_model_sync_steps: int = field(default=512, metadata={"help": "TR-DPO: mix every this many steps"})
     sft_weight: float = field(default=0.0, metadata={"help": "weight of the chosen-completion NLL added to the loss"})
     prefix_sharing: bool | None = field(
         default=None,
@@ -142,19 +163,9 @@ class PreferenceConfig(TrainingArguments):
     padding_free: bool = field(default=False, metadata={"help": "TRL: not supported; prefix_sharing packs each prompt once"})
     pad_to_multiple_of: int | str | None = field(default=None, metadata={"help": "TRL: not supported"})
     precompute_ref_batch_size: int | None = field(default=None, metadata={"help": "TRL: not supported (the reference pass scores the training batches)"})
-    ld_alpha: float | None = field(default=None, metadata={"help": "TRL (LD-DPO): not supported yet"})
-    f_divergence_type: str = field(default="reverse_kl", metadata={"help": "TRL: only reverse_kl (DPO's) is supported"})
-    f_alpha_divergence_coef: float = field(default=0.5, metadata={"help": "TRL: not supported (reverse_kl only)"})
-    use_weighting: bool = field(default=False, metadata={"help": "TRL (WPO weights): not supported yet"})
-    discopop_tau: float = field(default=0.05, metadata={"help": "TRL (discopop loss): not supported yet"})
     activation_offloading: bool = field(default=False, metadata={"help": "TRL: not supported"})
-    sync_ref_model: bool = field(default=False, metadata={"help": "TRL (TR-DPO): not supported yet"})
-    ref_model_mixup_alpha: float = field(default=0.6, metadata={"help": "TRL (TR-DPO): not supported yet"})
-    ref_model_sync_steps: int = field(default=512, metadata={"help": "TRL (TR-DPO): not supported yet"})
     router_aux_loss_coef: float | None = field(default=None, metadata={"help": "TRL: not supported (no MoE router loss)"})
-    cpo_alpha: float | None = field(default=None, metadata={"help": "TRL CPO: weight of the chosen NLL = sft_weight"})
     simpo_gamma: float | None = field(default=None, metadata={"help": "TRL CPO: SimPO's margin = gamma"})
-    alpha: float = field(default=0.0, metadata={"help": "TRL CPO (AlphaPO): not supported"})
     max_completion_length: int | None = field(default=None, metadata={"help": "TRL CPO: max_prompt_length = max_length - this"})
     generate_during_eval: bool = field(default=False, metadata={"help": "TRL: not supported"})
     is_encoder_decoder: bool | None = field(default=None, metadata={"help": "TRL: prefalign trains decoder-only models"})
@@ -178,7 +189,9 @@ class PreferenceConfig(TrainingArguments):
         def conflict(key, ours):
             raise ConfigError(f"{key}: TRL's name for {ours}, which is also set: set one of them")
 
-        if self.cpo_alpha is not None:
+        losses = self.loss_type if isinstance(self.loss_type, list) else str(self.loss_type).split(",")
+        if self.cpo_alpha is not None and "cpo" not in [n.strip() for n in losses]:
+            # TRL's CPOConfig with loss_type simpo: the chosen NLL added to the loss is prefalign's sft term
             if self.sft_weight:
                 conflict("cpo_alpha", "sft_weight")
             self.sft_weight, self.cpo_alpha = float(self.cpo_alpha), None
@@ -201,22 +214,10 @@ class PreferenceConfig(TrainingArguments):
         if self.precompute_ref_batch_size is not None:
             unsupported("precompute_ref_batch_size", "the reference pass scores the training batches themselves, "
                         "so policy and reference agree exactly before the first update")
-        if self.ld_alpha is not None:
-            unsupported("ld_alpha", "LD-DPO is not implemented yet")
-        if self.f_divergence_type != "reverse_kl" or self.f_alpha_divergence_coef != 0.5:
-            unsupported("f_divergence_type", "only reverse_kl (DPO's own) is implemented")
-        if self.use_weighting:
-            unsupported("use_weighting", "WPO weighting is not implemented yet")
-        if self.sync_ref_model or self.ref_model_mixup_alpha != 0.6 or self.ref_model_sync_steps != 512:
-            unsupported("sync_ref_model", "TR-DPO reference syncing is not implemented yet")
-        if self.discopop_tau != 0.05:
-            unsupported("discopop_tau", "the discopop loss is not implemented yet")
         if self.activation_offloading:
             unsupported("activation_offloading", "use gradient_checkpointing")
         if self.router_aux_loss_coef is not None:
             unsupported("router_aux_loss_coef", "mixture-of-experts router losses are not added")
-        if self.alpha:
-            unsupported("alpha", "AlphaPO is not implemented")
         if self.generate_during_eval:
             unsupported("generate_during_eval", "evaluation scores ranking accuracy")
         if self.is_encoder_decoder:
@@ -308,14 +309,18 @@ class PreferenceConfig(TrainingArguments):
             if key.startswith("lora_") and not self.use_peft:
                 bad(key, "is set but use_peft is false: add use_peft: true (or remove it)")
         taken = set().union(*(LOSSES[n].defaults for n in self.preference_losses))
-        loss_keys = {"beta": "beta", "gamma": "gamma", "label_smoothing": "label_smoothing",
-                     "amapo_variant": "amapo_variant", "amapo_z_norm": "z_norm", "amapo_exponential": "exponential",
-                     "amapo_zero_margin": "zero_margin"}
         losses = "+".join(n for n, _ in self.loss_terms())
         warn = logging.getLogger(__name__).warning
-        for key, name in loss_keys.items():
-            if key in changed and name not in taken:
-                warn("%s has no effect with loss_type %s (no chosen loss takes it)", key, losses)
+        for name in sorted(set().union(*(spec.defaults for spec in LOSSES.values()))):
+            key = HPARAM_KEYS.get(name, name)
+            if key not in changed or name in taken:
+                continue
+            if key in ("alpha", "rho", "beta_dpo_a", "gamma_beta_ratio", "odpo_alpha", "rdpo_alpha", "dpop_lambda",
+                       "discopop_tau", "f_divergence_type", "f_alpha_divergence_coef"):
+                users = ", ".join(n for n, spec in sorted(LOSSES.items()) if name in spec.defaults)
+                extra = " (TRL CPO's AlphaPO alpha is not supported)" if key == "alpha" else ""
+                bad(key, f"is a hyperparameter of {users}, and loss_type is {losses}{extra}")
+            warn("%s has no effect with loss_type %s (no chosen loss takes it)", key, losses)
         if not self.needs_reference:
             for key in ("precompute_ref_log_probs", "ref_model_name_or_path", "reference"):
                 if key in changed:
@@ -338,9 +343,6 @@ class PreferenceConfig(TrainingArguments):
         for name in names:
             if name in LOSSES or name == SFT:
                 continue
-            if name in TRL_LOSS_TYPES:
-                bad("loss_type", f"TRL's loss_type '{name}' is not supported by prefalign yet; supported: "
-                    f"{', '.join(sorted(LOSSES))}, sigmoid (= dpo) and sft")
             near = difflib.get_close_matches(name, [*LOSSES, *LOSS_ALIASES, SFT], n=1)
             hint = f" (did you mean '{near[0]}'?)" if near else ""
             bad("loss_type", f"unknown loss '{name}'{hint}; valid: {', '.join(sorted(LOSSES))}, sigmoid, sft")
@@ -352,10 +354,50 @@ class PreferenceConfig(TrainingArguments):
                 bad("loss_weights", f"{len(self.loss_weights)} weights for {len(names)} loss types")
             if any(not (math.isfinite(w) and w >= 0) for w in self.loss_weights):
                 bad("loss_weights", f"must be finite and >= 0, got {self.loss_weights}")
+        self._check_loss_options(bad, names)
         if self.rpo_alpha is not None:
             if self.sft_weight:
                 bad("rpo_alpha", "is older TRL's name for sft_weight: set one of them")
             self.sft_weight, self.rpo_alpha = float(self.rpo_alpha), None
+
+    def _check_loss_options(self, bad, names: list[str]) -> None:
+        """TRL's options around the losses: f-divergences, WPO, LD-DPO, TR-DPO — each only where it applies."""
+        if self.f_divergence_type != "reverse_kl" or self.f_alpha_divergence_coef != 0.5:
+            from .losses.divergences import F_DIVERGENCES
+
+            if self.f_divergence_type not in F_DIVERGENCES:
+                bad("f_divergence_type", f"must be one of {', '.join(F_DIVERGENCES)}, got {self.f_divergence_type!r}")
+            allowed = sorted(n for n, spec in LOSSES.items() if "f_divergence_type" in spec.defaults)
+            others = [n for n in names if n != SFT and n not in allowed]
+            if others:
+                bad("f_divergence_type", f"applies only to the losses of the chosen-minus-rejected reward difference "
+                    f"({', '.join(allowed)}, and sft; as TRL), not {', '.join(others)}")
+        if self.use_weighting and {"aot", "aot_unpaired"} & set(names):
+            bad("use_weighting", "WPO weights are per pair, and aot/aot_unpaired sort the pairs (as TRL, refused)")
+        if self.wpo_clamp and not self.use_weighting:
+            bad("wpo_clamp", "is set but use_weighting is false")
+        if self.ld_alpha is not None and not 0 <= self.ld_alpha <= 1:
+            bad("ld_alpha", f"must be in [0, 1], got {self.ld_alpha}")
+        if "exo_pair" in names and self.label_smoothing <= 0:
+            bad("label_smoothing", "exo_pair needs label_smoothing > 0 (its target distribution is (1-ε, ε); the "
+                "paper uses 1e-3)")
+        if not self.sync_ref_model:
+            if self.ref_model_mixup_alpha != 0.6 or self.ref_model_sync_steps != 512:
+                bad("ref_model_mixup_alpha" if self.ref_model_mixup_alpha != 0.6 else "ref_model_sync_steps",
+                    "is set but sync_ref_model is false")
+            return
+        if not 0 <= self.ref_model_mixup_alpha <= 1:
+            bad("ref_model_mixup_alpha", f"must be in [0, 1], got {self.ref_model_mixup_alpha}")
+        if self.ref_model_sync_steps < 1:
+            bad("ref_model_sync_steps", f"must be at least 1, got {self.ref_model_sync_steps}")
+        if not any(LOSSES[n].needs_reference for n in names if n != SFT):
+            bad("sync_ref_model", "the chosen losses are reference-free: there is no reference model to sync")
+        if self.precompute_ref_log_probs or self.reference == "precomputed":
+            bad("sync_ref_model", "a precomputed reference is fixed, and TR-DPO changes the reference during training "
+                "(as TRL, refused); use reference: model")
+        if self.use_peft or self.reference == "adapter":
+            bad("sync_ref_model", "with LoRA the reference is the base model under the adapters, which TR-DPO would "
+                "change (as TRL, refused)")
 
     def _check_report_to(self) -> None:
         from transformers.integrations import get_available_reporting_integrations
@@ -390,23 +432,20 @@ class PreferenceConfig(TrainingArguments):
     def needs_reference(self) -> bool:
         return any(LOSSES[n].needs_reference for n in self.preference_losses)
 
+    @property
+    def needs_scores(self) -> bool:
+        """A chosen loss reads per-response scores from the data (ODPO)."""
+        return any("chosen_scores" in LOSSES[n].side_inputs for n in self.preference_losses)
+
     def sft_term_weight(self) -> float:
         """Weight of the chosen completions' token-averaged NLL: sft_weight plus any `sft` loss term."""
         return self.sft_weight + sum(w for n, w in self.loss_terms() if n == SFT)
 
     def loss_hparams(self, name: str | None = None) -> dict:
         """Hyperparameters for `compute_loss`, restricted to those loss `name` (default the first) takes."""
-        candidates = {
-            "beta": self.beta,
-            "gamma": self.gamma,
-            "label_smoothing": self.label_smoothing,
-            "amapo_variant": self.amapo_variant,
-            "z_norm": self.amapo_z_norm,
-            "exponential": self.amapo_exponential,
-            "zero_margin": self.amapo_zero_margin,
-        }
         wanted = LOSSES[name or self.preference_losses[0]].defaults
-        return {k: v for k, v in candidates.items() if k in wanted and v is not None}
+        values = {k: getattr(self, HPARAM_KEYS.get(k, k), None) for k in wanted}
+        return {k: v for k, v in values.items() if v is not None}
 
     def reference_mode(self) -> str:
         """none, precomputed, model or adapter — what the trainer must do for the reference."""
@@ -414,6 +453,8 @@ class PreferenceConfig(TrainingArguments):
             return "none"
         if self.reference != "auto":
             return self.reference
+        if self.sync_ref_model:
+            return "model"  # TR-DPO changes the reference: it must be a live model
         if self.precompute_ref_log_probs is False:
             return "adapter" if self.use_peft else "model"
         return "adapter" if self.use_peft else "precomputed"

@@ -15,6 +15,7 @@ from collections.abc import Callable, Iterable
 import torch
 
 from .modeling import pair_logps
+from .modeling.sequence_weights import length_desensitized
 from .run_files import CONFIG_FILE, write_jsonl
 
 # Buckets of |Δ| (nats per token): where confident mistakes show up.
@@ -29,9 +30,11 @@ def score_pairs(
     reference: Callable[[dict], torch.Tensor] | None = None,
     gather: Callable[[torch.Tensor], torch.Tensor] | None = None,
     autocast: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext,
+    ld_alpha: float | None = None,
 ) -> list[dict]:
     """One record per pair. `reference(batch)` returns summed reference log-probs [2B] (chosen then rejected);
-    `gather` collects per-pair tensors from all processes (accelerator.gather_for_metrics)."""
+    `gather` collects per-pair tensors from all processes (accelerator.gather_for_metrics). With `ld_alpha`
+    (LD-DPO, whose reference sums are length-desensitized) the reward margin uses the policy's LD sums too."""
     was_training = model.training
     model.eval()
     cols: dict[str, list[torch.Tensor]] = {}
@@ -53,6 +56,9 @@ def score_pairs(
                 ref = reference(batch).float()
                 fields["ref_chosen_logp_sum"] = ref[:b]
                 fields["ref_rejected_logp_sum"] = ref[b:]
+                if ld_alpha is not None:
+                    ld_sums = length_desensitized(lp, ld_alpha)[0]
+                    fields["chosen_ld_sum"], fields["rejected_ld_sum"] = ld_sums[:b], ld_sums[b:]
             for k, v in fields.items():
                 v = v.detach()
                 cols.setdefault(k, []).append((gather(v) if gather else v).cpu())
@@ -67,7 +73,8 @@ def score_pairs(
         r["delta"] = r["chosen_logp_mean"] - r["rejected_logp_mean"]
         r["correct"] = r["delta"] > 0
         if reference is not None:
-            h = (r["chosen_logp_sum"] - r["rejected_logp_sum"]) - (r["ref_chosen_logp_sum"] - r["ref_rejected_logp_sum"])
+            side = "ld_sum" if ld_alpha is not None else "logp_sum"
+            h = (r[f"chosen_{side}"] - r[f"rejected_{side}"]) - (r["ref_chosen_logp_sum"] - r["ref_rejected_logp_sum"])
             r["reward_margin"] = h
             r["reward_correct"] = h > 0
         records.append(r)

@@ -39,6 +39,8 @@ EVAL_FILE = "eval_results.json"
 PER_PAIR_FILE = "eval_per_pair.jsonl"
 SUMMARY_FILE = "train_summary.json"
 REFERENCE_FOLDER = "reference_logps"
+LOSS_STATE_FILE = "loss_state.safetensors"  # in a checkpoint: stateful losses' running statistics
+SYNCED_REFERENCE_FILE = "reference_model.safetensors"  # in a checkpoint: the TR-DPO reference's weights
 INTERRUPTED_EXIT_CODE = 143  # 128 + SIGTERM, what a shell reports for a job stopped by SIGTERM
 
 # What makes a folder hold a run: a new run is not started over it without an explicit request.

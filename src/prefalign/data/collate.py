@@ -33,7 +33,16 @@ class PairCollator:
             "completion_lengths": torch.tensor([len(c) for c in completions], dtype=torch.long),
             "prompt_lengths": torch.tensor([len(p) for p in prompts], dtype=torch.long),
             "row_index": torch.tensor([row["row_index"] for row in rows], dtype=torch.long),
+            **score_inputs(rows),
         }
+
+
+def score_inputs(rows: Sequence[dict]) -> dict[str, torch.Tensor]:
+    """chosen_scores / rejected_scores [B] when the rows carry per-response scores (ODPO), else nothing."""
+    if "score_chosen" not in rows[0]:
+        return {}
+    return {f"{side}_scores": torch.tensor([float(r[f"score_{side}"]) for r in rows], dtype=torch.float32)
+            for side in ("chosen", "rejected")}
 
 
 def pad_sequences(sequences: Sequence[tuple[list[int], list[int]]], pad_token_id: int) -> dict[str, torch.Tensor]:

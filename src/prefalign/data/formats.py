@@ -22,6 +22,7 @@ from .sources import SourcePart, locate
 
 FORMATS = ("explicit", "implicit", "conversational", "judged")
 ROLES = ("prompt", "chosen", "rejected")
+SCORE_ROLES = ("score_chosen", "score_rejected")  # per-response scores (UltraFeedback's columns), for ODPO
 ASSISTANT_MARKER = "\n\nAssistant:"
 
 
@@ -33,10 +34,11 @@ def parse_columns(columns: dict[str, str] | str | None) -> dict[str, str]:
             raise ConfigError(f"columns {columns!r}: expected ROLE=COLUMN pairs, e.g. prompt=question,chosen=good")
         columns = {role.strip(): column.strip() for role, column in pairs}
     columns = dict(columns or {})
-    unknown = sorted(set(columns) - set(ROLES) - set(JUDGE_ROLES))
+    unknown = sorted(set(columns) - set(ROLES) - set(JUDGE_ROLES) - set(SCORE_ROLES))
     if unknown:
-        raise ConfigError(f"columns: unknown role {unknown[0]!r} (roles are prompt, chosen, rejected, or "
-                          "response_a, response_b, winner for judged data)")
+        raise ConfigError(f"columns: unknown role {unknown[0]!r} (roles are prompt, chosen, rejected, score_chosen, "
+                          "score_rejected, or response_a, response_b, winner for judged data)")
+    scores = {role: columns.get(role, role) for role in SCORE_ROLES}
     judged = [r for r in JUDGE_ROLES if r in columns]
     if judged:
         if len(judged) < len(JUDGE_ROLES):
@@ -44,18 +46,24 @@ def parse_columns(columns: dict[str, str] | str | None) -> dict[str, str]:
             raise ConfigError(f"columns: judged data needs response_a, response_b and winner (missing {missing})")
         if "chosen" in columns or "rejected" in columns:
             raise ConfigError("columns: give chosen/rejected, or response_a/response_b/winner, not both")
-        return {"prompt": columns.get("prompt", "prompt"), **{r: columns[r] for r in JUDGE_ROLES}}
-    return {role: columns.get(role, role) for role in ROLES}
+        return {"prompt": columns.get("prompt", "prompt"), **{r: columns[r] for r in JUDGE_ROLES}, **scores}
+    return {**{role: columns.get(role, role) for role in ROLES}, **scores}
 
 
 def is_judged(columns: dict[str, str]) -> bool:
     return "winner" in columns
 
 
-def select_pair_columns(dataset: Dataset, name: str, columns: dict[str, str], data_format: str | None) -> Dataset:
-    """Keep only the mapped columns (data_format None: not forced); a missing one stops with the nearest name as a hint."""
+def select_pair_columns(dataset: Dataset, name: str, columns: dict[str, str], data_format: str | None,
+                        scores: bool = False) -> Dataset:
+    """Keep only the mapped columns (data_format None: not forced); a missing one stops with the nearest name as a
+    hint. `scores`: the per-response score columns are required too (a loss reads them)."""
     prompt_required = data_format == "explicit" or columns["prompt"] != "prompt"  # forced, or mapped by the user
     answers = list(JUDGE_ROLES) if is_judged(columns) else ["chosen", "rejected"]
+    if scores and is_judged(columns):
+        raise ConfigError("judged data has a verdict, not per-response scores (score_chosen, score_rejected), "
+                          "which the chosen loss needs")
+    answers += list(SCORE_ROLES) if scores else []
     required = answers + (["prompt"] if prompt_required else [])
     for role in required:
         if columns[role] not in dataset.column_names:
@@ -95,20 +103,39 @@ def normalize(
     parts: list[SourcePart],
     renderer: ChatRenderer | None,
     winner_values=None,
+    scores: bool = False,
 ) -> Dataset:
-    """Map every row to prompt/chosen/rejected strings, row_index and skip_reason ("" to keep the pair)."""
+    """Map every row to prompt/chosen/rejected strings, row_index and skip_reason ("" to keep the pair);
+    with `scores` also score_chosen and score_rejected (floats)."""
     winners = parse_winner_values(winner_values) if data_format == "judged" else None
     return dataset.map(
         _normalize_row,
         with_indices=True,
         remove_columns=dataset.column_names,
         fn_kwargs={"data_format": data_format, "columns": columns, "parts": parts, "renderer": renderer,
-                   "winners": winners},
+                   "winners": winners, "scores": scores},
         desc=f"Reading {data_format} pairs",
     )
 
 
-def _normalize_row(row, index, *, data_format, columns, parts, renderer, winners=None):
+def _normalize_row(row, index, *, data_format, columns, parts, renderer, winners=None, scores=False):
+    pair = _pair_of_row(row, index, data_format, columns, parts, renderer, winners)
+    if scores:
+        where = locate(parts, index)
+        pair["score_chosen"], pair["score_rejected"] = (_score(row, columns[r], where) for r in SCORE_ROLES)
+        if not pair["skip_reason"] and not pair["score_chosen"] > pair["score_rejected"]:
+            pair["skip_reason"] = "score_not_higher"
+    return pair
+
+
+def _score(row, column: str, where: str) -> float:
+    value = row[column]
+    if isinstance(value, bool) or not isinstance(value, int | float) or value != value or abs(value) == float("inf"):
+        raise DataError(f"{where}: column {column!r} is {value!r}, expected a finite number (a response's score)")
+    return float(value)
+
+
+def _pair_of_row(row, index, data_format, columns, parts, renderer, winners):
     where = locate(parts, index)
     if data_format == "judged":
         prompt, chosen, rejected, reason = judged_pair(row, columns, winners)

@@ -42,6 +42,7 @@ def load_preference_data(
     chat_template: str | None = None,
     on_bad_row: str = "skip",
     winner_values: str | dict | None = None,
+    scores: bool = False,
 ) -> PreferenceData:
     """Read preference pairs from a hub id, a .json/.jsonl/.jsonl.gz/.parquet/.csv file or a folder of them,
     or a `datasets.Dataset` built in memory.
@@ -50,7 +51,8 @@ def load_preference_data(
     the row_index column counts from 0) and the problem. Degenerate pairs
     (chosen == rejected, an empty completion) are dropped and counted in `skipped`, or raise with
     on_bad_row="error". A tokenizer (with a chat template, or `chat_template`) is needed only for
-    conversational data.
+    conversational data. `scores` reads the per-response score columns too (score_chosen, score_rejected, or
+    as mapped in `columns`): a pair whose chosen score is not above the rejected one is skipped.
     """
     check_format(data_format)
     check_on_bad_row(on_bad_row)
@@ -58,19 +60,19 @@ def load_preference_data(
     forced = None if data_format == "auto" else data_format
     if isinstance(source, Dataset):  # built in memory (the Python API): no file to read
         name = IN_MEMORY
-        raw, parts = select_pair_columns(source, name, columns, forced), [SourcePart(name, 0)]
+        raw, parts = select_pair_columns(source, name, columns, forced, scores), [SourcePart(name, 0)]
     else:
         raw, parts = load_source(
             str(source),
             split=split,
             config_name=config_name,
-            prepare=lambda dataset, name: select_pair_columns(dataset, name, columns, forced),
+            prepare=lambda dataset, name: select_pair_columns(dataset, name, columns, forced, scores),
         )
     found = forced or detect_format(raw[0], columns, locate(parts, 0))
     if found == "judged" and "winner" not in columns:
         raise ConfigError("data format judged: name the columns, e.g. --columns response_a=A,response_b=B,winner=W")
     renderer = ChatRenderer(tokenizer, chat_template) if found == "conversational" else None
-    normalized = normalize(raw, found, columns, parts, renderer, winner_values)
+    normalized = normalize(raw, found, columns, parts, renderer, winner_values, scores)
     dataset, skipped = drop_skipped(normalized, on_bad_row, lambda row_index: locate(parts, row_index))
     label = IN_MEMORY if isinstance(source, Dataset) else str(source)
     data = PreferenceData(dataset=dataset, format=found, n_rows=len(raw), skipped=skipped, source=label)

@@ -17,6 +17,7 @@ REASONS = {
     "identical_after_truncation": "chosen and rejected are identical once truncated to max_length",
     "no_winner": "the verdict names neither response as better (a tie, both bad, or missing)",
     "response_not_text": "a response (or the prompt) is not text",
+    "score_not_higher": "score_chosen is not above score_rejected (ODPO's offset is the log of their gap)",
 }
 ON_BAD_ROW = ("skip", "error")
 

@@ -11,6 +11,7 @@ from ..errors import ConfigError, DataError
 from .skips import SKIP_REASON, check_on_bad_row, drop_skipped
 
 TRUNCATION_MODES = ("keep_end", "keep_start")
+KEPT_COLUMNS = ("row_index", "score_chosen", "score_rejected")  # carried through to the batch
 
 
 def tokenize_pairs(
@@ -40,7 +41,7 @@ def tokenize_pairs(
     tokenized = dataset.map(
         _tokenize_batch,
         batched=True,
-        remove_columns=[c for c in dataset.column_names if c != "row_index"],
+        remove_columns=[c for c in dataset.column_names if c not in KEPT_COLUMNS],
         fn_kwargs={
             "tokenizer": tokenizer,
             "limits": (max_length, max_prompt_length, truncation_mode),

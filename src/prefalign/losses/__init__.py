@@ -6,9 +6,13 @@
 """
 
 from . import amapo as _amapo  # noqa: F401  (registers the loss)
+from . import ema_margins as _ema_margins  # noqa: F401
+from . import offsets as _offsets  # noqa: F401
+from . import per_response as _per_response  # noqa: F401
 from . import reference_based as _reference_based  # noqa: F401
 from . import reference_free as _reference_free  # noqa: F401
+from . import sorted_pairs as _sorted_pairs  # noqa: F401
 from .amapo import adaptive_margin
-from .base import LOSSES, LossOutput, LossSpec, compute_loss, get_loss, gradient_allocation
+from .base import LOSSES, SIDE_INPUTS, LossOutput, LossSpec, compute_loss, get_loss, gradient_allocation
 
-__all__ = ["LOSSES", "LossOutput", "LossSpec", "adaptive_margin", "compute_loss", "get_loss", "gradient_allocation"]
+__all__ = ["LOSSES", "SIDE_INPUTS", "LossOutput", "LossSpec", "adaptive_margin", "compute_loss", "get_loss", "gradient_allocation"]

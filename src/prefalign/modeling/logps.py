@@ -31,6 +31,11 @@ class SequenceLogps:
     mean: torch.Tensor  # [N] per-token mean
     n_tokens: torch.Tensor  # [N] completion tokens scored
     hidden_mean: torch.Tensor | None = None  # [N, H] mean final hidden state over completion tokens (SPO)
+    # Per completion token, row-major (what LD-DPO and WPO need; `sequence_weights.py`):
+    token_logps: torch.Tensor | None = None  # [M] log-prob of each scored token (differentiable)
+    token_rows: torch.Tensor | None = None  # [M] its row
+    token_positions: torch.Tensor | None = None  # [M] its 1-based position among its row's scored tokens
+    token_log_sum_sq: torch.Tensor | None = None  # [M] log Σ_v p_v² of its distribution (no grad; WPO)
 
 
 def cached_head_spec(model: torch.nn.Module) -> HeadSpec:
@@ -72,11 +77,17 @@ def final_hidden_states(model: torch.nn.Module, **inputs) -> torch.Tensor:
     return captured[0]
 
 
-def _token_logps(head: torch.nn.Module, spec: HeadSpec, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+def _token_logps(head: torch.nn.Module, spec: HeadSpec, hidden: torch.Tensor, targets: torch.Tensor,
+                 with_sum_sq: bool = False) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     if not torch.is_autocast_enabled(hidden.device.type):  # outside autocast the head wants its own dtype
         hidden = hidden.to(head.weight.dtype)
     logits = spec.apply_to_logits(head(spec.apply_to_hidden(hidden)).float())
-    return logits.gather(-1, targets[:, None]).squeeze(-1) - torch.logsumexp(logits, dim=-1)
+    lse = torch.logsumexp(logits, dim=-1)
+    logp = logits.gather(-1, targets[:, None]).squeeze(-1) - lse
+    if not with_sum_sq:
+        return logp
+    with torch.no_grad():  # log Σ p² = logsumexp(2·logits) − 2·logsumexp(logits)
+        return logp, torch.logsumexp(2 * logits.detach(), dim=-1) - 2 * lse.detach()
 
 
 def score_hidden(
@@ -86,11 +97,13 @@ def score_hidden(
     *,
     n_scored: int | None = None,
     with_hidden_mean: bool = False,
+    with_sum_sq: bool = False,
     chunk_tokens: int = CHUNK_TOKENS,
 ) -> SequenceLogps:
     """Log-probs of the label tokens (labels = -100 elsewhere) given final hidden states [N, T, H], where
     position t predicts label t+1. Only the first `n_scored` rows (default: all) are scored;
-    `with_hidden_mean` adds every row's mean hidden state over its labelled positions."""
+    `with_hidden_mean` adds every row's mean hidden state over its labelled positions, `with_sum_sq` each
+    token's log Σ_v p_v² (WPO)."""
     n_scored = hidden.shape[0] if n_scored is None else n_scored
     targets = labels[:n_scored, 1:]
     scored = targets != -100
@@ -98,13 +111,17 @@ def score_hidden(
     h = hidden[:n_scored, :-1][rows, cols]
     t = targets[rows, cols]
     head, spec = output_head(model), cached_head_spec(model)
-    pieces = []
+    pieces, sum_sq = [], []
     for start in range(0, h.shape[0], chunk_tokens):
         hs, ts = h[start : start + chunk_tokens], t[start : start + chunk_tokens]
         if torch.is_grad_enabled() and hs.requires_grad:
-            pieces.append(checkpoint(_token_logps, head, spec, hs, ts, use_reentrant=False))
+            piece = checkpoint(_token_logps, head, spec, hs, ts, with_sum_sq, use_reentrant=False)
         else:
-            pieces.append(_token_logps(head, spec, hs, ts))
+            piece = _token_logps(head, spec, hs, ts, with_sum_sq)
+        if with_sum_sq:
+            piece, sq = piece
+            sum_sq.append(sq)
+        pieces.append(piece)
     token_logps = torch.cat(pieces) if pieces else hidden.new_zeros(0, dtype=torch.float32)
 
     sums = torch.zeros(n_scored, dtype=torch.float32, device=hidden.device).index_add(0, rows, token_logps)
@@ -114,7 +131,9 @@ def score_hidden(
     if with_hidden_mean:
         completion = (labels != -100).unsqueeze(-1)
         hidden_mean = (hidden.float() * completion).sum(1) / completion.sum(1).clamp(min=1)
-    return SequenceLogps(sum=sums, mean=means, n_tokens=counts, hidden_mean=hidden_mean)
+    return SequenceLogps(sum=sums, mean=means, n_tokens=counts, hidden_mean=hidden_mean, token_logps=token_logps,
+                         token_rows=rows, token_positions=scored.cumsum(-1)[rows, cols],
+                         token_log_sum_sq=torch.cat(sum_sq) if sum_sq else None)
 
 
 def sequence_logps(
@@ -124,13 +143,14 @@ def sequence_logps(
     labels: torch.Tensor,
     *,
     with_hidden_mean: bool = False,
+    with_sum_sq: bool = False,
     n_scored: int | None = None,
     chunk_tokens: int = CHUNK_TOKENS,
 ) -> SequenceLogps:
     """Completion log-probs of right-padded rows (labels = -100 outside the completion), one forward."""
     hidden = final_hidden_states(model, input_ids=input_ids, attention_mask=attention_mask)
     return score_hidden(model, hidden, labels, n_scored=n_scored, with_hidden_mean=with_hidden_mean,
-                        chunk_tokens=chunk_tokens)
+                        with_sum_sq=with_sum_sq, chunk_tokens=chunk_tokens)
 
 
 def naive_sequence_logps(model, input_ids, attention_mask, labels, **forward_kwargs) -> SequenceLogps:
@@ -141,4 +161,8 @@ def naive_sequence_logps(model, input_ids, attention_mask, labels, **forward_kwa
     logp = logits[:, :-1].log_softmax(-1).gather(-1, targets.clamp(min=0)[..., None]).squeeze(-1)
     sums = (logp * mask).sum(-1)
     counts = mask.sum(-1)
-    return SequenceLogps(sum=sums, mean=sums / counts.clamp(min=1), n_tokens=counts)
+    rows, cols = mask.nonzero(as_tuple=True)
+    log_sum_sq = torch.logsumexp(2 * logits[:, :-1].log_softmax(-1), dim=-1)
+    return SequenceLogps(sum=sums, mean=sums / counts.clamp(min=1), n_tokens=counts, token_logps=logp[rows, cols],
+                         token_rows=rows, token_positions=mask.cumsum(-1)[rows, cols],
+                         token_log_sum_sq=log_sum_sq[rows, cols].detach())

@@ -35,7 +35,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..data.collate import PairCollator
+from ..data.collate import PairCollator, score_inputs
 from ..errors import PrefalignError
 from .head import model_class, unwrap
 from .logps import CHUNK_TOKENS, SequenceLogps, final_hidden_states, score_hidden, sequence_logps
@@ -176,6 +176,7 @@ class PrefixSharedCollator:
                 "completion_lengths": torch.tensor([len(c[0]) for _, c in parts] + [len(c[1]) for _, c in parts]),
                 "prompt_lengths": torch.tensor(prompts + prompts),
                 "row_index": torch.tensor([row["row_index"] for row in rows], dtype=torch.long),
+                **score_inputs(rows),
             }
         batch.update(packed_input_ids=ids, packed_position_ids=pos, packed_segment_ids=seg)
         return batch
@@ -269,6 +270,7 @@ def prefix_shared_logps(
     packed_segment_ids: torch.Tensor,
     *,
     with_hidden_mean: bool = False,
+    with_sum_sq: bool = False,
     chunk_tokens: int = CHUNK_TOKENS,
 ) -> SequenceLogps:
     """Per-sequence completion log-probs of every pair's chosen and rejected completion, [2B] (chosen first),
@@ -281,7 +283,7 @@ def prefix_shared_logps(
     hidden = final_hidden_states(model, input_ids=packed_input_ids, attention_mask=mask, position_ids=packed_position_ids)
     rows, index, labels = _unshared_rows(packed_input_ids, packed_segment_ids)
     lp = score_hidden(model, hidden[rows[:, None], index], labels, with_hidden_mean=with_hidden_mean,
-                      chunk_tokens=chunk_tokens)
+                      with_sum_sq=with_sum_sq, chunk_tokens=chunk_tokens)
     if with_hidden_mean and int(packed_segment_ids.max()) >= FIRST_EXTRA:
         lp.hidden_mean = torch.cat([lp.hidden_mean, extra_hidden_means(hidden, packed_segment_ids)])
     return lp
@@ -297,10 +299,12 @@ def extra_hidden_means(hidden: torch.Tensor, segment_ids: torch.Tensor) -> torch
     return sums[present] / counts[present][:, None]
 
 
-def pair_logps(model: torch.nn.Module, batch: dict, *, with_hidden_mean: bool = False) -> SequenceLogps:
+def pair_logps(model: torch.nn.Module, batch: dict, *, with_hidden_mean: bool = False,
+               with_sum_sq: bool = False) -> SequenceLogps:
     """[2B] completion log-probs of a batch of pairs (chosen, then rejected), in the layout it carries:
     packed when the collator packed it, else the 2B unshared rows."""
     if "packed_input_ids" in batch:
-        return prefix_shared_logps(model, *packed_inputs(batch), with_hidden_mean=with_hidden_mean)
+        return prefix_shared_logps(model, *packed_inputs(batch), with_hidden_mean=with_hidden_mean,
+                                   with_sum_sq=with_sum_sq)
     return sequence_logps(model, batch["input_ids"], batch["attention_mask"], batch["labels"],
-                          with_hidden_mean=with_hidden_mean)
+                          with_hidden_mean=with_hidden_mean, with_sum_sq=with_sum_sq)

@@ -25,6 +25,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from ..modeling import pair_logps, unwrap
+from ..modeling.sequence_weights import length_desensitized
 
 log = logging.getLogger(__name__)
 
@@ -82,13 +83,14 @@ def cache_key(model: torch.nn.Module, dataset, settings: dict, collator=None) ->
 
 
 @torch.no_grad()
-def score_reference(model, loader, n_rows: int, *, accelerator=None, autocast=None, packed: bool = True) -> dict[str, torch.Tensor]:
+def score_reference(model, loader, n_rows: int, *, accelerator=None, autocast=None, packed: bool = True,
+                    ld_alpha: float | None = None) -> dict[str, torch.Tensor]:
     """{kind: [N]} reference log-probs of every pair, indexed by `row_index`, on every process.
 
     `loader` is the (sharded) dataloader the policy trains on: each process scores the batches it will train
     on, in the same composition — which is what makes bf16 values agree with the first epoch's — and the
     results are gathered. `packed=False` scores a packed batch's unshared rows (a reference model of another
-    family may refuse the packed layout)."""
+    family may refuse the packed layout). With `ld_alpha` (LD-DPO) the sums and means are length-desensitized."""
     device = accelerator.device if accelerator is not None else next(unwrap(model).parameters()).device
     was_training = model.training
     model.eval()
@@ -101,7 +103,8 @@ def score_reference(model, loader, n_rows: int, *, accelerator=None, autocast=No
                 batch = {k: v for k, v in batch.items() if not k.startswith("packed_")}
             with autocast() if autocast else torch.autocast(device.type, enabled=False):
                 lp = pair_logps(model, batch)
-            values.append(torch.stack([lp.sum[:b], lp.sum[b:], lp.mean[:b], lp.mean[b:]], dim=1).float())
+            sums, means = (lp.sum, lp.mean) if ld_alpha is None else length_desensitized(lp, ld_alpha)
+            values.append(torch.stack([sums[:b], sums[b:], means[:b], means[b:]], dim=1).float())
             rows.append(batch["row_index"])
     finally:
         model.train(was_training)
@@ -182,7 +185,8 @@ def reference_table(model, loader, dataset, collator, *, split: str, output_dir,
     elif have_shared:
         values, source = load_file(str(shared)), "cache"
     else:
-        values = score_reference(model, loader, len(dataset), accelerator=accelerator, autocast=autocast, packed=packed)
+        values = score_reference(model, loader, len(dataset), accelerator=accelerator, autocast=autocast, packed=packed,
+                                 ld_alpha=settings.get("ld_alpha"))
         source = "computed"
         if is_main:
             _atomic_save(values, shared)

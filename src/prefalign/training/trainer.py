@@ -14,6 +14,7 @@ from collections import defaultdict
 import torch
 from transformers import Trainer
 from transformers.trainer_callback import PrinterCallback, ProgressCallback
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from ..config import SFT, PreferenceConfig
 from ..data.collate import PairCollator
@@ -30,6 +31,7 @@ from ..modeling import (
     usable_pad_id,
 )
 from ..modeling.packing import PrefixSharedCollator, packed_inputs, prefix_shared_logps
+from ..modeling.sequence_weights import length_desensitized, wpo_weights
 from ..run_files import SHARE_CORRECT, SHARE_MISRANKED, SKIPPED_PREFIX, claim_run_folder, clear_run_folder
 from ..spo import SPOCollator, SPOHead, all_degree_packed, all_degree_rows, spo_loss
 from .callbacks import MetricsFileCallback, NonFiniteGradientGuard, ReferencePass, SPOEpoch, SPOHeadGradSync
@@ -37,8 +39,16 @@ from .checkpointing import CrashSafeCheckpointing, SigtermCheckpoint
 from .collate import TrainingCollator, pad_cat
 from .console import Console
 from .datasets import TOKENIZED_COLUMNS, add_length_column
-from .distributed import gather_variable
+from .distributed import gather_variable, local_offset
 from .inputs import frozen_copy, resolve_inputs
+from .run_state import (
+    SyncReference,
+    check_same_architecture,
+    load_loss_state,
+    load_synced_reference,
+    save_loss_state,
+    save_synced_reference,
+)
 
 log = logging.getLogger(__name__)
 
@@ -109,6 +119,13 @@ class PreferenceTrainer(CrashSafeCheckpointing, Trainer):
                 self._ref_packed = bool(args.prefix_sharing and packing_plan(ref_model))
             except PrefixSharingRefused:
                 pass
+        self.loss_state: dict[str, dict | None] = {}  # stateful losses' running statistics (saved in checkpoints)
+        if args.sync_ref_model:
+            if self.is_fsdp_enabled:
+                raise PrefalignError("sync_ref_model under FSDP is not supported yet (the reference model's shards "
+                                     "would need checkpointing of their own); use DDP or one process")
+            check_same_architecture(self.model, self.ref_model)
+            self.add_callback(SyncReference(self))
         self._ref_tables: dict[str, object] = {}  # split -> ReferenceTable (reference: precomputed)
         self._scoring_split: str | None = None  # set while score() runs: which table its pairs use
         self.reference_info: list[dict] = []
@@ -149,6 +166,10 @@ class PreferenceTrainer(CrashSafeCheckpointing, Trainer):
                                prefix_sharing=self.args.prefix_sharing, autocast=self.autocast_smart_context_manager)
 
     def _check_setup(self) -> None:
+        if self.args.needs_scores and self.train_dataset is not None and "score_chosen" not in self.train_dataset.column_names:
+            losses = ", ".join(n for n in self.args.preference_losses if "chosen_scores" in LOSSES[n].side_inputs)
+            raise PrefalignError(f"loss {losses} reads per-response scores: the tokenized train dataset needs columns "
+                                 "score_chosen and score_rejected (give raw data with them, mapped with columns)")
         device = next(self.model.parameters()).device
         if getattr(self.model.config, "_attn_implementation", None) == "flex_attention" and device.type == "cpu":
             raise PrefalignError("attn_implementation flex_attention: torch's FlexAttention has no backward pass on the "
@@ -186,6 +207,7 @@ class PreferenceTrainer(CrashSafeCheckpointing, Trainer):
         a = self.args
         settings = {"max_length": a.max_length, "max_prompt_length": a.max_prompt_length, "truncation": a.truncation_mode,
                     "bf16": a.bf16, "fp16": a.fp16, "packed": packed, "seed": a.seed, "processes": a.world_size,
+                    "ld_alpha": a.ld_alpha,
                     "batch": [a.per_device_train_batch_size, a.per_device_eval_batch_size]}
         kw = dict(output_dir=a.output_dir, settings=settings, accelerator=self.accelerator, packed=packed,
                   autocast=self.autocast_smart_context_manager, cache_dir=a.ref_cache_dir, resuming=resuming,
@@ -221,49 +243,64 @@ class PreferenceTrainer(CrashSafeCheckpointing, Trainer):
                 lp = pair_logps(self.ref_model, batch)
             else:
                 lp = sequence_logps(self.ref_model, batch["input_ids"], batch["attention_mask"], batch["labels"])
-        return lp.sum, lp.mean
+        return (lp.sum, lp.mean) if self.args.ld_alpha is None else length_desensitized(lp, self.args.ld_alpha)
 
     # -- the loss --------------------------------------------------------------------------------------
     def pair_loss(self, model, batch: dict):
         b = batch["row_index"].shape[0]
+        a = self.args
         spo = self.spo_head is not None and batch.get("spo_degrees") is not None and len(batch["spo_degrees"]) > 0
+        wpo = a.use_weighting
         if "packed_input_ids" in batch:
-            lp = prefix_shared_logps(model, *packed_inputs(batch), with_hidden_mean=spo)
+            lp = prefix_shared_logps(model, *packed_inputs(batch), with_hidden_mean=spo, with_sum_sq=wpo)
         elif spo:
             # One forward for the pairs and the degraded rows; only the pair rows go through the output head.
             ids = pad_cat(batch["input_ids"], batch["spo_input_ids"], 0)
             mask = pad_cat(batch["attention_mask"], batch["spo_attention_mask"], 0)
             labels = pad_cat(batch["labels"], batch["spo_labels"], -100)
-            lp = sequence_logps(model, ids, mask, labels, with_hidden_mean=True, n_scored=2 * b)
+            lp = sequence_logps(model, ids, mask, labels, with_hidden_mean=True, with_sum_sq=wpo, n_scored=2 * b)
         else:
-            lp = sequence_logps(model, batch["input_ids"], batch["attention_mask"], batch["labels"])
+            lp = sequence_logps(model, batch["input_ids"], batch["attention_mask"], batch["labels"], with_sum_sq=wpo)
+        sums, means = (lp.sum, lp.mean) if a.ld_alpha is None else length_desensitized(lp, a.ld_alpha)
         refs = self.reference_logps(model, batch)  # (sums, means) or None
         if refs is None and self.ref_mode != "none":
             raise PrefalignError("reference=precomputed but the batch carries no reference log-probs")
-        terms = [(n, w) for n, w in self.args.loss_terms() if n != SFT]
+        weights = wpo_weights(lp, clamp=a.wpo_clamp) if wpo else None
+        side = {"chosen_lengths": lp.n_tokens[:b], "rejected_lengths": lp.n_tokens[b:],
+                "chosen_scores": batch.get("chosen_scores"), "rejected_scores": batch.get("rejected_scores")}
+        terms = [(n, w) for n, w in a.loss_terms() if n != SFT]
         loss, out, extra = 0.0, None, {}
         for name, weight in terms:  # total = Σ w_k · mean ℓ_k, as TRL combines a list of loss types
-            normalized = LOSSES[name].length_normalized
-            used = lp.mean if normalized else lp.sum
-            ref = None if refs is None or not LOSSES[name].needs_reference else refs[1 if normalized else 0]
-            hparams = self.args.loss_hparams(name)
-            if name == "amapo" and self.accelerator.num_processes > 1:
-                # μ and s over the micro-batch gathered from every process, as the official code does.
-                hparams["gather_fn"] = lambda t: gather_variable(self.accelerator, t)
+            spec = LOSSES[name]
+            used = means if spec.length_normalized else sums
+            ref = None if refs is None or not spec.needs_reference else refs[1 if spec.length_normalized else 0]
+            runtime = dict(side)
+            if spec.gathers and self.accelerator.num_processes > 1:
+                # Batch statistics over the micro-batch gathered from every process, as the authors' code does.
+                runtime["gather_fn"] = lambda t: gather_variable(self.accelerator, t)
+                runtime["local_offset"] = local_offset(self.accelerator, b)
+            if spec.stateful:
+                runtime.update(state=self.loss_state.get(name), seed=a.seed)
             term = compute_loss(name, used[:b], used[b:], None if ref is None else ref[:b],
-                                None if ref is None else ref[b:], **hparams)
+                                None if ref is None else ref[b:], pair_weights=weights, **runtime,
+                                **a.loss_hparams(name))
+            if spec.stateful and model.training:
+                self.loss_state[name] = term.state  # evaluation never moves the running statistics
             loss = loss + weight * term.losses.mean()
             if out is None:  # the first loss's metrics (rewards/*, grad/share_*) describe the run, as one loss
                 out = term
                 extra = {"logps/chosen": used[:b].detach().mean(), "logps/rejected": used[b:].detach().mean()}
             if len(terms) > 1:
                 extra[f"loss/{name}"] = term.losses.detach().mean()
-        sft = self.args.sft_term_weight()
-        if sft > 0:
-            # Token-averaged NLL of the chosen completions (TRL's "sft" term; the AMaPO code's CrossEntropyLoss).
-            nll = -lp.sum[:b].sum() / lp.n_tokens[:b].sum().clamp(min=1)
-            loss = loss + sft * nll
-            extra["sft_loss"] = nll.detach()
+        if weights is not None:
+            extra["wpo/weight"] = weights.mean()
+        for sft, weighted in ((a.sft_weight, False), (sum(w for n, w in a.loss_terms() if n == SFT), wpo)):
+            if sft > 0:
+                # Token-averaged NLL of the chosen completions (TRL's "sft" term; the AMaPO code's
+                # CrossEntropyLoss); TRL weights its sft loss_type by the mean WPO weight too.
+                nll = -lp.sum[:b].sum() / lp.n_tokens[:b].sum().clamp(min=1)
+                loss = loss + sft * (nll * weights.mean() if weighted else nll)
+                extra["sft_loss"] = nll.detach()
         n_spo = self._global_spo_samples(batch) if self.spo_head is not None and model.training else None
         if spo:
             aux, spo_metrics = spo_loss(self.spo_head, lp.hidden_mean[batch["spo_source"]], batch["spo_degrees"])
@@ -271,7 +308,7 @@ class PreferenceTrainer(CrashSafeCheckpointing, Trainer):
                 # The mean over every process's samples (ranks may draw different numbers of them), as one
                 # process would take it: DDP/FSDP average the gradients over processes, hence the factor.
                 aux = aux * len(batch["spo_degrees"]) * self.accelerator.num_processes / n_spo
-            loss = loss + self.args.spo_weight * aux
+            loss = loss + a.spo_weight * aux
             extra.update(spo_metrics)
         return loss, out, extra
 
@@ -294,13 +331,23 @@ class PreferenceTrainer(CrashSafeCheckpointing, Trainer):
 
     def _save(self, output_dir: str | None = None, state_dict=None):
         super()._save(output_dir, state_dict=state_dict)
+        folder = output_dir or self.args.output_dir
         if self.spo_head is not None and self.args.should_save:
-            self.spo_head.save(output_dir or self.args.output_dir)
+            self.spo_head.save(folder)
+        if self.args.should_save and os.path.basename(os.path.normpath(folder)).startswith(PREFIX_CHECKPOINT_DIR):
+            save_loss_state(self.loss_state, folder)  # what a resumed run needs to continue exactly
+            if self.args.sync_ref_model:
+                save_synced_reference(self.ref_model, folder)
 
     def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
         super()._load_from_checkpoint(resume_from_checkpoint, model)
         if self.spo_head is not None:
             self.spo_head.load_weights(resume_from_checkpoint)
+        stateful = [n for n in self.args.preference_losses if LOSSES[n].stateful]
+        if stateful:
+            self.loss_state = load_loss_state(resume_from_checkpoint, stateful, self.args.device)
+        if self.args.sync_ref_model:
+            load_synced_reference(self.ref_model, resume_from_checkpoint)
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         mode = "train" if model.training else "eval"
@@ -479,6 +526,7 @@ class PreferenceTrainer(CrashSafeCheckpointing, Trainer):
                 reference=reference if has_reference else None,
                 gather=self.accelerator.gather_for_metrics if self.accelerator.num_processes > 1 else None,
                 autocast=self.autocast_smart_context_manager,
+                ld_alpha=self.args.ld_alpha,
             )
         finally:
             self._scoring_split = None
