@@ -162,6 +162,9 @@ RUNS = {
     "amapo_spo_packed": (["--loss_type", "amapo", "--use_spo", "--spo_weight", "0.5"], None),
     "amapo_spo_unshared": (["--loss_type", "amapo", "--use_spo", "--spo_weight", "0.5", "--prefix_sharing", "false"], None),
     "dpo_rank1_skipped": (["--loss_type", "dpo", "--on_nonfinite", "skip"], "1:2"),
+    # gathered EMA statistics, a data filter drawn over the global batch, WPO weights and LD-DPO sums
+    "beta_dpo_wpo_ld": (["--loss_type", "beta_dpo", "--rho", "0.5", "--use_weighting", "true", "--ld_alpha", "0.5"],
+                        None),
 }
 
 
@@ -284,6 +287,8 @@ def test_two_processes_train_to_the_weights_of_one(training_runs, name):
     assert [r["step"] for r in rows] == [1, 2, 3]  # written once, by the main process
     if "spo" in name:
         assert all("spo/loss" in r for r in rows)
+    if name == "beta_dpo_wpo_ld":
+        assert all(r["beta_dpo/kept_fraction"] == 0.5 and "wpo/weight" in r for r in rows)
     if name == "dpo_rank1_skipped":
         assert rows[-1]["skipped/nonfinite_grad_steps"] == 1 and rows[-1]["skipped/nonfinite_loss_batches"] == 1
         assert abs(rows[0]["loss"] - 0.6931471805599453) < 1e-6  # reference pass on the sharded batches

@@ -41,11 +41,29 @@ def _cfg(model, data, out, *extra):
                               "--output_dir", str(out), *COMMON, *extra])
 
 
+@pytest.fixture(scope="module")
+def hh_scored(hh_small, tmp_path_factory):
+    """The same pairs with per-response scores (UltraFeedback's columns), for ODPO."""
+    out = tmp_path_factory.mktemp("scored") / "hh_scored.jsonl"
+    rows = [json.loads(line) for line in hh_small.read_text().splitlines()]
+    out.write_text("".join(json.dumps({**r, "score_chosen": 8.0 - i % 3, "score_rejected": 2.0 + i % 4}) + "\n"
+                           for i, r in enumerate(rows)))
+    return out
+
+
+LOSS_EXTRAS = {"exo_pair": ["--label_smoothing", "0.001"]}
+LOSS_METRICS = {"amapo": {"amapo/mu", "amapo/std", "amapo/mean_margin", "amapo/margin_fraction"},
+                "alpha_dpo": {"alpha_dpo/ema_mean", "alpha_dpo/ema_std", "alpha_dpo/mean_margin"},
+                "beta_dpo": {"beta_dpo/beta", "beta_dpo/kept_fraction"}, "odpo": {"odpo/offset"},
+                "dpop": {"dpop/penalty"}, "rdpo": {"rdpo/length_gap"}, "cpo": {"cpo/nll"}}
+
+
 @pytest.mark.parametrize("loss", sorted(LOSSES))
-def test_every_loss_trains_stories260k(loss, stories260k, hh_small, tmp_path):
-    cfg = _cfg(stories260k, hh_small, tmp_path / loss, "--loss_type", loss, "--max_steps", "2",
+def test_every_loss_trains_stories260k(loss, stories260k, hh_small, hh_scored, tmp_path):
+    data = hh_scored if loss == "odpo" else hh_small
+    cfg = _cfg(stories260k, data, tmp_path / loss, "--loss_type", loss, "--max_steps", "2",
                "--learning_rate", "1e-4", "--eval_dataset", str(hh_small), "--max_eval_samples", "8",
-               "--ref_cache_dir", str(tmp_path / "cache"))
+               "--ref_cache_dir", str(tmp_path / "cache"), *LOSS_EXTRAS.get(loss, []))
     summary = train(cfg)
     assert summary["global_step"] == 2
     rows = [r for r in read_metrics(tmp_path / loss / "metrics.jsonl") if "loss" in r]
@@ -53,8 +71,8 @@ def test_every_loss_trains_stories260k(loss, stories260k, hh_small, tmp_path):
     for key in ("rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins",
                 "logps/chosen", "logps/rejected"):
         assert key in rows[0], key
-    if loss == "amapo":
-        assert {"amapo/mu", "amapo/std", "amapo/mean_margin", "amapo/margin_fraction"} <= set(rows[0])
+    assert LOSS_METRICS.get(loss, set()) <= set(rows[0])
+    assert {"grad/share_correct", "grad/share_misranked"} <= set(rows[0])
     assert summary["eval"]["n_pairs"] == 8
     assert (tmp_path / loss / "model.safetensors").exists()
     assert len((tmp_path / loss / "eval_per_pair.jsonl").read_text().splitlines()) == 8

@@ -79,9 +79,11 @@ def beta_dpo(pc, pr, rc, rr, *, beta: float = 0.1, rho: float = 0.2, beta_dpo_a:
              gather_fn=None, local_offset: int = 0, seed: int = 0) -> PairTerms:
     """−logσ(β_b·h) with one β per batch, β_b = max(β·(1 + a·(mean h of the kept pairs − μ)), 1e-3), over the
     pairs a data filter keeps: (1 − ρ)·N of the N pairs of the global batch, drawn without replacement with
-    weights exp(−½((h − μ)/σ)²) (pairs far from the running mean of h are dropped more often). The kept pairs'
-    losses are averaged (the weights are mask·B/kept on this process). The draw uses its own generator,
-    seeded by `seed` and the number of updates, so it is the same on every process and after a resume."""
+    weights exp(−½((h − μ)/σ)²) (pairs far from the running mean of h are dropped more often). The loss is the
+    mean over the kept pairs of the global batch (weights mask·N/kept, so the processes' mean, which DDP takes,
+    is it; the authors' code divides by each process's own kept count instead, which makes the result depend
+    on how the kept pairs fall across processes). The draw uses its own generator, seeded by `seed` and the
+    number of updates, so it is the same on every process and after a resume."""
     check_beta(beta)
     if not (isinstance(rho, int | float) and 0 <= rho < 1):
         raise ValueError(f"rho (the fraction of pairs the filter drops) must be in [0, 1), got {rho!r}")
@@ -109,7 +111,7 @@ def beta_dpo(pc, pr, rc, rr, *, beta: float = 0.1, rho: float = 0.2, beta_dpo_a:
         rewards_chosen=beta * (pc - rc).detach(),
         rewards_rejected=beta * (pr - rr).detach(),
         correct=(h > 0).detach(),
-        weights=local * h.shape[0] / local.sum().clamp(min=1),
+        weights=local * n / mask.sum(),
         state=new_state,
         metrics={"beta_dpo/beta": beta_used.float(), "beta_dpo/ema_mean": mu.float(), "beta_dpo/ema_std": sd.float(),
                  "beta_dpo/kept_fraction": mask.mean().float()},

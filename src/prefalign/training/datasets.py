@@ -35,7 +35,7 @@ def prepare_pairs(source, tokenizer, cfg: PreferenceConfig, *, name: str, split=
         chat_template=cfg.chat_template,
         on_bad_row=cfg.on_bad_row,
         winner_values=cfg.winner_values,
-        scores=cfg.needs_scores,
+        scores=cfg.needs_scores and name == "train",  # held-out pairs are scored by ranking, never by the loss
     )
     ds = pdata.dataset
     if limit is not None:
