@@ -14,7 +14,7 @@ def test_recipe_then_overrides(tmp_path):
     assert cfg.beta == 2.5 and cfg.gamma == 0.8
     assert cfg.learning_rate == pytest.approx(3e-7)
     assert cfg.bf16 is True
-    assert cfg.loss_hparams() == {"beta": 2.5, "gamma": 0.8, "label_smoothing": 0.0}
+    assert cfg.loss_hparams() == {"beta": 2.5, "gamma": 0.8}  # unset keys take the loss's defaults
     assert cfg.reference_mode() == "none"
 
 
@@ -61,7 +61,6 @@ def test_reference_mode_follows_the_loss():
 def test_amapo_switches_reach_the_loss():
     cfg = load_config(None, ["--amapo_variant", "paper", "--amapo_exponential", "false", "--use_cpu"])
     assert cfg.loss_hparams() == {
-        "label_smoothing": 0.0,
         "amapo_variant": "paper",
         "z_norm": True,
         "exponential": False,

@@ -176,3 +176,20 @@ def test_a_resumed_run_continues_exactly(loss, extra, model_path, tokenizer, tmp
     assert [continued[s] for s in (3, 4)] == pytest.approx([uninterrupted[s] for s in (3, 4)], rel=1e-6)
     for name, p in resumed.model.named_parameters():
         torch.testing.assert_close(p, dict(whole.model.named_parameters())[name], rtol=0, atol=1e-6)
+
+
+def test_compare_shows_new_losses_their_settings_and_gradient_allocation(model_path, tokenizer, tmp_path):
+    from prefalign.cli import main as cli_main
+
+    runs = []
+    for loss in ("beta_dpo", "cal_dpo"):
+        trainer = _trainer(model_path, tokenizer, tmp_path / loss, loss_type=loss, use_weighting=(loss == "cal_dpo"))
+        trainer.train()
+        trainer.save_model()
+        runs.append(str(tmp_path / loss / "run"))
+    assert cli_main(["compare", *runs, "--out", str(tmp_path / "report")]) == 0
+    report = (tmp_path / "report" / "report.md").read_text()
+    assert "beta_dpo" in report and "cal_dpo" in report
+    assert "rho=0.2" in report and "beta_dpo_a=0.6" in report and "WPO" in report
+    assert "gradient" in report.lower()
+    assert any(p.name.startswith("grad") for p in (tmp_path / "report").iterdir()), list((tmp_path / "report").iterdir())

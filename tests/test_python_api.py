@@ -150,7 +150,7 @@ def test_loss_list_with_weights_is_the_weighted_sum(tokenizer, tmp_path):
     ({"padding_free": True}, r"^padding_free: TRL's padding_free is not supported by prefalign; prefix_sharing"),
     ({"loss_type": "nca_pair", "f_divergence_type": "js_divergence"}, r"^f_divergence_type: applies only to the "),
     ({"loss_type": "dpo", "alpha": 0.5}, r"^alpha: is a hyperparameter of alpha_dpo, and loss_type is dpo \(TRL CPO's AlphaPO"),
-    ({"loss_type": "exo_pair"}, r"^label_smoothing: exo_pair needs label_smoothing > 0"),
+    ({"loss_type": "exo_pair", "label_smoothing": 0.0}, r"^label_smoothing: exo_pair needs label_smoothing > 0"),
     ({"loss_type": ["sigmoid", "sft"], "loss_weights": [1.0]}, r"^loss_weights: 1 weights for 2 loss types$"),
     ({"loss_type": "dpo", "sync_ref_model": True, "precompute_ref_log_probs": True},
      r"^sync_ref_model: a precomputed reference is fixed"),

@@ -51,7 +51,7 @@ def hh_scored(hh_small, tmp_path_factory):
     return out
 
 
-LOSS_EXTRAS = {"exo_pair": ["--label_smoothing", "0.001"]}
+LOSS_EXTRAS = {"exo_pair": ["--label_smoothing", "0.01"]}
 LOSS_METRICS = {"amapo": {"amapo/mu", "amapo/std", "amapo/mean_margin", "amapo/margin_fraction"},
                 "alpha_dpo": {"alpha_dpo/ema_mean", "alpha_dpo/ema_std", "alpha_dpo/mean_margin"},
                 "beta_dpo": {"beta_dpo/beta", "beta_dpo/kept_fraction"}, "odpo": {"odpo/offset"},

@@ -91,7 +91,9 @@ class PreferenceConfig(TrainingArguments):
     rpo_alpha: float | None = field(default=None, metadata={"help": "older TRL's name for sft_weight (RPO)"})
     beta: float | None = field(default=None, metadata={"help": "loss temperature; None = the loss's default"})
     gamma: float | None = field(default=None, metadata={"help": "SimPO target reward margin"})
-    label_smoothing: float = 0.0
+    label_smoothing: float | None = field(
+        default=None, metadata={"help": "conservative/robust label noise ε in [0, 0.5); None = the loss's default "
+                                        "(0, or 1e-3 for exo_pair)"})
     amapo_variant: str = field(default="official", metadata={"help": "official (authors' code) or paper"})
     amapo_z_norm: bool = True
     amapo_exponential: bool = True
@@ -261,7 +263,7 @@ class PreferenceConfig(TrainingArguments):
         if self.use_peft and self.lora_r < 1:
             bad("lora_r", f"must be at least 1, got {self.lora_r}")
         self._check_report_to()
-        if not 0 <= self.label_smoothing < 0.5:
+        if self.label_smoothing is not None and not 0 <= self.label_smoothing < 0.5:
             bad("label_smoothing", f"must be in [0, 0.5), got {self.label_smoothing}")
         if self.sft_weight < 0:
             bad("sft_weight", f"must be >= 0, got {self.sft_weight}")
@@ -378,7 +380,7 @@ class PreferenceConfig(TrainingArguments):
             bad("wpo_clamp", "is set but use_weighting is false")
         if self.ld_alpha is not None and not 0 <= self.ld_alpha <= 1:
             bad("ld_alpha", f"must be in [0, 1], got {self.ld_alpha}")
-        if "exo_pair" in names and self.label_smoothing <= 0:
+        if "exo_pair" in names and self.label_smoothing is not None and self.label_smoothing <= 0:
             bad("label_smoothing", "exo_pair needs label_smoothing > 0 (its target distribution is (1-ε, ε); the "
                 "paper uses 1e-3)")
         if not self.sync_ref_model:

@@ -30,17 +30,30 @@ def beta_text(run: Run) -> str:
     return f"{_g(default)} (default)" if finite(default) is not None else DASH
 
 
+SHOWN_ALWAYS = {"gamma", "amapo_variant", "alpha", "gamma_beta_ratio", "rho", "beta_dpo_a", "odpo_alpha", "rdpo_alpha",
+                "dpop_lambda", "cpo_alpha", "discopop_tau"}  # a loss's own knobs: shown with their defaults
+SYMBOLS = {"gamma": "γ", "amapo_variant": "variant"}
+
+
 def other_settings(run: Run) -> str:
+    from ..config import HPARAM_KEYS
+
     cfg, defaults = run.config, _loss_defaults(run.loss_type)
     parts = []
-    if "gamma" in defaults:
-        gamma = finite(cfg.get("gamma"))
-        parts.append(f"γ={_g(gamma if gamma is not None else defaults['gamma'])}")
-    eps = finite(cfg.get("label_smoothing"))
-    if "label_smoothing" in defaults and eps:
-        parts.append(f"label_smoothing={_g(eps)}")
-    if "amapo_variant" in defaults:
-        parts.append(f"variant={cfg.get('amapo_variant') or defaults['amapo_variant']}")
+    for name, default in defaults.items():
+        key = HPARAM_KEYS.get(name, name)
+        value = cfg.get(key)
+        if name in SHOWN_ALWAYS:
+            parts.append(f"{SYMBOLS.get(name, name)}={_g(value if value is not None else default)}")
+        elif name == "label_smoothing" and finite(value):
+            parts.append(f"label_smoothing={_g(value)}")
+        elif name == "f_divergence_type" and value not in (None, "reverse_kl"):
+            parts.append(f"f={value}")
+    for key, shown in (("use_weighting", "WPO"), ("sync_ref_model", "TR-DPO")):
+        if cfg.get(key):
+            parts.append(shown)
+    if finite(cfg.get("ld_alpha")) is not None:
+        parts.append(f"ld_alpha={_g(cfg['ld_alpha'])}")
     sft = finite(cfg.get("sft_weight"))
     if sft:
         parts.append(f"sft_weight={_g(sft)}")

@@ -30,6 +30,7 @@ def run(args) -> int:
         for name, f in sorted(config_fields().items()):
             doc = f.metadata.get("help", "").split("\n")[0]
             print(f"{name} = {f.default!r}  {doc[:100]}")
+        print(loss_hyperparameters())
         return 0
     tokens = list(args.overrides)
     recipe = tokens.pop(0) if tokens and not tokens[0].startswith("--") else None
@@ -49,6 +50,20 @@ def run(args) -> int:
               "continue with --resume_from_checkpoint latest", file=sys.stderr)
         return INTERRUPTED_EXIT_CODE  # a scheduler can tell a stopped run from a finished one
     return 0
+
+
+def loss_hyperparameters() -> str:
+    """Each loss's hyperparameters with its own defaults (what a key left unset, None above, means)."""
+    from ..config import HPARAM_KEYS
+    from ..losses import LOSSES
+
+    lines = ["", "loss hyperparameters (a key left unset takes the loss's default; docs/losses.md):"]
+    for name, spec in sorted(LOSSES.items()):
+        keys = ", ".join(f"{HPARAM_KEYS.get(k, k)}={v!r}" for k, v in spec.defaults.items() if k != "exponent_cap")
+        needs = "reference" if spec.needs_reference else "reference-free"
+        lines.append(f"  {name:13s} {keys}  [{needs}, {'mean' if spec.length_normalized else 'summed'} log-probs"
+                     + (f", reads {', '.join(spec.side_inputs)}" if spec.side_inputs else "") + "]")
+    return "\n".join(lines)
 
 
 def summary_table(summary: dict) -> str:

@@ -32,7 +32,15 @@ from ..modeling import (
 )
 from ..modeling.packing import PrefixSharedCollator, packed_inputs, prefix_shared_logps
 from ..modeling.sequence_weights import length_desensitized, wpo_weights
-from ..run_files import SHARE_CORRECT, SHARE_MISRANKED, SKIPPED_PREFIX, claim_run_folder, clear_run_folder
+from ..run_files import (
+    CONFIG_FILE,
+    SHARE_CORRECT,
+    SHARE_MISRANKED,
+    SKIPPED_PREFIX,
+    claim_run_folder,
+    clear_run_folder,
+    write_json,
+)
 from ..spo import SPOCollator, SPOHead, all_degree_packed, all_degree_rows, spo_loss
 from .callbacks import MetricsFileCallback, NonFiniteGradientGuard, ReferencePass, SPOEpoch, SPOHeadGradSync
 from .checkpointing import CrashSafeCheckpointing, SigtermCheckpoint
@@ -152,6 +160,10 @@ class PreferenceTrainer(CrashSafeCheckpointing, Trainer):
             existing = claim_run_folder(self.args.output_dir, resume=resume, overwrite=self.args.overwrite_output_dir)
             if existing and not resume and self.is_world_process_zero():
                 clear_run_folder(self.args.output_dir)
+            if self.is_world_process_zero() and not resume:
+                # what the run was (loss, hyperparameters) for `compare` and `eval`, as prefalign train writes it
+                os.makedirs(self.args.output_dir, exist_ok=True)
+                write_json(os.path.join(self.args.output_dir, CONFIG_FILE), self.args.prefalign_dict())
             self.accelerator.wait_for_everyone()
             self.run_folder_claimed = True
         return super().train(resume_from_checkpoint=resume_from_checkpoint, **kwargs)
