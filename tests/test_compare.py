@@ -23,7 +23,8 @@ from prefalign.errors import PrefalignError
 from prefalign.losses import compute_loss
 
 PNG = b"\x89PNG\r\n\x1a\n"
-PLOTS = ["loss.png", "accuracy.png", "grad_allocation.png", "delta_distribution.png", "amapo_stats.png"]
+PLOTS = ["loss.png", "accuracy.png", "grad_allocation.png", "delta_distribution.png", "amapo_stats.png",
+         "generation_lengths.png"]
 STEPS = [5, 10, 15, 20, 25, 30, 35, 40]
 
 
@@ -146,6 +147,16 @@ def make_run(root: Path, name: str, loss: str, *, beta, shift: float, last_share
     write_jsonl(run / "eval_per_pair.jsonl", records)
     write_json(run / "train_summary.json", {"global_step": STEPS[-1], "train_seconds": 131.2, "train_loss": 0.55,
                                              "eval": summary})
+    # what prefalign generate and prefalign bench leave in a run folder
+    write_jsonl(run / "generations.jsonl", [{"row_index": i, "prompt": "p", "completion": "c", "n_tokens": 20 + 10 * i + seed,
+                                             "stopped_at_eos": i % 4 != 0} for i in range(8)])
+    (run / "bench").mkdir()
+    write_json(run / "bench" / "rewardbench-avg.json", {
+        "benchmark": "rewardbench", "scoring": "avg", "sections": {"Chat": 0.8, "Chat Hard": 0.4 + 0.01 * seed,
+                                                                   "Safety": 0.6, "Reasoning": 0.7},
+        "score": 0.625, "n_pairs": 2985})
+    write_json(run / "bench" / "rm-bench-avg.json", {"benchmark": "rm-bench", "scoring": "avg", "easy": 0.9,
+                                                    "normal": 0.6, "hard": 0.3, "score": 0.6, "n_prompts": 798})
     return run
 
 
@@ -184,6 +195,12 @@ def test_compare_writes_report_html_and_plots(tmp_path, two_runs):
 
     rows = table_rows(report)
     assert list(rows) == ["amapo", "dpo"]
+    benchmarks = report.split("## Benchmarks", 1)[1].split("## Plots", 1)[0]
+    assert "| amapo | avg | 80.0 | 41.0 | 60.0 | 70.0 | 62.5 | 2985 |" in benchmarks  # seed 1
+    assert "| dpo | avg | 90.0 | 60.0 | 30.0 | 60.0 | 798 |" in benchmarks
+    lengths = [20 + 10 * i + 1 for i in range(8)]
+    assert (f"- amapo: 8 completions, mean {sum(lengths) / 8:.1f} tokens (median 56, 90th percentile 84, max 91); "
+            "75 % ended with EOS, the rest hit the token limit") in report
     a, d = rows["amapo"], rows["dpo"]
     assert (a["Loss"], a["β"], d["Loss"], d["β"]) == ("amapo", "2 (default)", "dpo", "0.1")
     assert a["Steps"] == "40" and a["Batch"] == "4 × 2" and a["LR"] == "1e-06"

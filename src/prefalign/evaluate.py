@@ -31,10 +31,12 @@ def score_pairs(
     gather: Callable[[torch.Tensor], torch.Tensor] | None = None,
     autocast: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext,
     ld_alpha: float | None = None,
+    with_norm: bool = False,
 ) -> list[dict]:
     """One record per pair. `reference(batch)` returns summed reference log-probs [2B] (chosen then rejected);
     `gather` collects per-pair tensors from all processes (accelerator.gather_for_metrics). With `ld_alpha`
-    (LD-DPO, whose reference sums are length-desensitized) the reward margin uses the policy's LD sums too."""
+    (LD-DPO, whose reference sums are length-desensitized) the reward margin uses the policy's LD sums too.
+    `with_norm` adds each completion's −‖per-token log-probs‖₂ (RewardBench's `ref_free_norm: norm`)."""
     was_training = model.training
     model.eval()
     cols: dict[str, list[torch.Tensor]] = {}
@@ -52,6 +54,9 @@ def score_pairs(
                 "chosen_len": lp.n_tokens[:b],
                 "rejected_len": lp.n_tokens[b:],
             }
+            if with_norm:
+                squares = torch.zeros_like(lp.sum).index_add(0, lp.token_rows, lp.token_logps.float() ** 2)
+                fields["chosen_logp_norm"], fields["rejected_logp_norm"] = -squares[:b].sqrt(), -squares[b:].sqrt()
             if reference is not None:
                 ref = reference(batch).float()
                 fields["ref_chosen_logp_sum"] = ref[:b]
@@ -187,16 +192,8 @@ def evaluate_path(
     import contextlib
 
     import torch
-    from torch.utils.data import DataLoader
 
-    from .data import PairCollator, load_preference_data, tokenize_pairs
-    from .modeling import (
-        PrefixSharedCollator,
-        check_fast_path,
-        pair_logps,
-        resolve_prefix_sharing,
-        usable_pad_id,
-    )
+    from .data import load_preference_data, tokenize_pairs
     from .models import load_model, load_tokenizer
 
     given = dict(max_length=max_length, max_prompt_length=max_prompt_length, truncation_mode=truncation_mode,
@@ -216,26 +213,11 @@ def evaluate_path(
     tok, tok_skipped = tokenize_pairs(ds, tokenizer, max_length=st["max_length"], max_prompt_length=st["max_prompt_length"],
                                       truncation_mode=st["truncation_mode"])
     autocast = (lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if st["bf16"] else contextlib.nullcontext
-    packed = resolve_prefix_sharing(prefix_sharing, policy)
     ref_model = None
     if reference:
         ref_model = load_model(reference, trust_remote_code=trust_remote_code, **weights).to(device).eval()
-        packed = packed and resolve_prefix_sharing(None, ref_model)  # both score the same batches
-    pad = usable_pad_id(policy, tokenizer)
-    rows = [{k: tok[i][k] for k in ("prompt_input_ids", "chosen_input_ids", "rejected_input_ids", "row_index")}
-            for i in range(min(2, len(tok)))]
-    for scored in (policy, ref_model) if ref_model is not None and rows else (policy,) if rows else ():
-        check_fast_path(scored, rows, pad, prefix_sharing=packed, autocast=autocast)
-    collator = PrefixSharedCollator(pad, keep_unshared=False) if packed else PairCollator(pad)
-    loader = DataLoader(tok, batch_size=batch_size, shuffle=False,
-                        collate_fn=lambda rows: {k: v.to(device) for k, v in collator(rows).items()})
-    ref_fn = None
-    if ref_model is not None:
-
-        def ref_fn(batch):
-            with autocast():
-                return pair_logps(ref_model, batch).sum
-
+    loader, ref_fn = scoring_loader(policy, ref_model, tokenizer, tok, batch_size=batch_size, device=device,
+                                    prefix_sharing=prefix_sharing, autocast=autocast)
     records = score_pairs(policy, loader, reference=ref_fn, autocast=autocast)
     summary = summarize(records)
     skipped = {**pdata.skipped}
@@ -244,3 +226,43 @@ def evaluate_path(
     summary.update({"model": model, "dataset": dataset, "format": pdata.format, "n_rows": pdata.n_rows, "skipped": skipped,
                     "settings": st})
     return summary, records
+
+
+def scoring_loader(policy, ref_model, tokenizer, tok, *, batch_size: int, device, prefix_sharing=None,
+                   autocast=contextlib.nullcontext, sort_by_length: bool = True):
+    """(batches, reference function or None) for scoring the tokenized pairs `tok` with `policy` (and
+    `ref_model`): prefix-shared wherever it is exact for both models, after the start-up self-check, on
+    `device`, in batches of pairs of similar length (longest first; records come back in dataset order)."""
+    from torch.utils.data import DataLoader
+
+    from .data import PairCollator
+    from .modeling import PrefixSharedCollator, check_fast_path, resolve_prefix_sharing, usable_pad_id
+
+    packed = resolve_prefix_sharing(prefix_sharing, policy)
+    if ref_model is not None:
+        packed = packed and resolve_prefix_sharing(None, ref_model)  # both score the same batches
+    pad = usable_pad_id(policy, tokenizer)
+    rows = [{k: tok[i][k] for k in ("prompt_input_ids", "chosen_input_ids", "rejected_input_ids", "row_index")}
+            for i in range(min(2, len(tok)))]
+    for scored in (policy, ref_model) if ref_model is not None and rows else (policy,) if rows else ():
+        check_fast_path(scored, rows, pad, prefix_sharing=packed, autocast=autocast)
+    collator = PrefixSharedCollator(pad, keep_unshared=False) if packed else PairCollator(pad)
+    order = longest_first(tok, packed=packed) if sort_by_length else range(len(tok))
+    loader = DataLoader(tok, batch_size=batch_size, sampler=list(order),
+                        collate_fn=lambda rows: {k: v.to(device) for k, v in collator(rows).items()})
+    ref_fn = None
+    if ref_model is not None:
+
+        def ref_fn(batch):
+            with autocast():
+                return pair_logps(ref_model, batch).sum
+
+    return loader, ref_fn
+
+
+def longest_first(tok, *, packed: bool) -> list[int]:
+    """Pair indices by the tokens they put in a batch, longest first: similar lengths share a batch (little
+    padding), and a batch too long for memory fails at once rather than at the end."""
+    p, c, r = (tok[f"{k}_input_ids"] for k in ("prompt", "chosen", "rejected"))
+    size = [len(a) + len(b) + len(d) if packed else len(a) + max(len(b), len(d)) for a, b, d in zip(p, c, r)]
+    return sorted(range(len(size)), key=lambda i: -size[i])

@@ -13,7 +13,10 @@ writer (`training/`, `evaluate.py`) and the readers (`analysis/`, `cli/`) use, s
       eval_per_pair.jsonl       one object per held-out pair          (PER_PAIR_FILE)
       train_summary.json        steps, time, losses, data, reference  (SUMMARY_FILE)
       reference_logps/          the run's reference log-probs         (REFERENCE_FOLDER; reference: precomputed)
-      checkpoint-N/, model and tokenizer files (transformers'), spo_head.* (with SPO)
+      bench/BENCHMARK-SCORE.json  prefalign bench results of the model  (BENCH_FOLDER)
+      generations.jsonl         prefalign generate's completions       (GENERATIONS_FILE)
+      checkpoint-N/, model and tokenizer files (transformers'), spo_head.* (with SPO);
+      in a checkpoint also loss_state.safetensors (α-DPO/β-DPO) and reference_model.safetensors (TR-DPO)
 
 Runs written before 2026-12-01 have the same files, except `reference_logps/`; `prefalign compare` reads
 them unchanged.
@@ -39,6 +42,8 @@ EVAL_FILE = "eval_results.json"
 PER_PAIR_FILE = "eval_per_pair.jsonl"
 SUMMARY_FILE = "train_summary.json"
 REFERENCE_FOLDER = "reference_logps"
+BENCH_FOLDER = "bench"  # prefalign bench results of the run's model: bench/{benchmark}-{score}.json
+GENERATIONS_FILE = "generations.jsonl"  # prefalign generate's completions of the run's model
 LOSS_STATE_FILE = "loss_state.safetensors"  # in a checkpoint: stateful losses' running statistics
 SYNCED_REFERENCE_FILE = "reference_model.safetensors"  # in a checkpoint: the TR-DPO reference's weights
 INTERRUPTED_EXIT_CODE = 143  # 128 + SIGTERM, what a shell reports for a job stopped by SIGTERM
@@ -146,3 +151,12 @@ def clear_run_folder(folder) -> None:
 
     shutil.rmtree(folder)
     logging.getLogger(__name__).warning("overwrite_output_dir: removed the run that was in %s", folder)
+
+
+def bench_result_path(run_dir, benchmark: str, score: str) -> Path:
+    """Where `prefalign bench` keeps a run's result: one file per benchmark and scoring."""
+    return Path(run_dir) / BENCH_FOLDER / f"{benchmark}-{score}.json"
+
+
+def is_run_folder(path) -> bool:
+    return (Path(os.path.expanduser(str(path))) / CONFIG_FILE).is_file()

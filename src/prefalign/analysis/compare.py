@@ -83,8 +83,15 @@ def build_report(runs, plots, out: Path, eval_dataset: str | None) -> list:
         ),
         Heading("Sources"),
         Table(F.SOURCES_HEADER, [F.sources_row(r) for r in runs]),
-        Heading("Plots"),
     ]
+    benches = F.bench_tables(runs)
+    if benches:
+        blocks.append(Heading("Benchmarks"))
+        for title, header, rows in benches:
+            blocks += [Heading(title, 3), Table(header, rows)]
+        blocks.append(Paragraph("From `prefalign bench` (RUN/bench/): accuracy in %, aggregated as the benchmark's "
+                                "official code; the scoring says how responses were scored (docs/benchmarks.md)."))
+    blocks.append(Heading("Plots"))
     for p in plots:
         if p.written:
             blocks.append(Image(out / p.filename, p.title, p.caption))
@@ -99,6 +106,7 @@ def build_report(runs, plots, out: Path, eval_dataset: str | None) -> list:
         ("Gradient allocation", F.grad_findings(runs)),
         ("Δ at the end of training", F.delta_findings(runs)),
         ("AMaPO batch statistics", F.amapo_findings(runs)),
+        ("Generated lengths", F.generation_findings(runs)),
         ("Is the held-out accuracy difference separated?", F.separation_findings(runs, _same_eval_data(runs, eval_dataset))),
     ]
     for name, items in sections:

@@ -242,3 +242,45 @@ def separation_findings(runs: list[Run], same_eval_data: bool) -> list[str]:
         out.append("The runs were not all evaluated on the same held-out set (their eval datasets or pair counts "
                    "differ), so these accuracies are not directly comparable.")
     return out
+
+
+# -- benchmarks and generations -----------------------------------------------------------------------------
+RB_SECTIONS = ("Chat", "Chat Hard", "Safety", "Reasoning")
+
+
+def bench_tables(runs: list[Run]) -> list[tuple[str, list[str], list[list[str]]]]:
+    """(title, header, rows) per benchmark that any run has results for (prefalign bench, RUN/bench/)."""
+    pct = lambda v: DASH if finite(v) is None else f"{100 * v:.1f}"  # noqa: E731
+    rb, rm = [], []
+    for run in runs:
+        for name, res in sorted(run.bench.items()):
+            scoring = res.get("scoring", name.split("-")[-1])
+            if res.get("benchmark") == "rewardbench":
+                sections = res.get("sections") or {}
+                rb.append([run.label, scoring, *(pct(sections.get(s)) for s in RB_SECTIONS), pct(res.get("score")),
+                           str(res.get("n_pairs", DASH))])
+            elif res.get("benchmark") == "rm-bench":
+                rm.append([run.label, scoring, pct(res.get("easy")), pct(res.get("normal")), pct(res.get("hard")),
+                           pct(res.get("score")), str(res.get("n_prompts", DASH))])
+    tables = []
+    if rb:
+        tables.append(("RewardBench", ["Run", "Scoring", *RB_SECTIONS, "Score", "Pairs"], rb))
+    if rm:
+        tables.append(("RM-Bench", ["Run", "Scoring", "Easy", "Normal", "Hard", "Score", "Prompts"], rm))
+    return tables
+
+
+def generation_findings(runs: list[Run]) -> list[str]:
+    """Generated-length distribution per run (prefalign generate): where length exploitation shows."""
+    out = []
+    for run in runs:
+        if not run.generations:
+            continue
+        lengths = [g["n_tokens"] for g in run.generations if finite(g.get("n_tokens")) is not None]
+        if not lengths:
+            continue
+        eos = sum(bool(g.get("stopped_at_eos")) for g in run.generations) / len(run.generations)
+        out.append(f"{run.label}: {len(lengths)} completions, mean {num(mean(lengths), 1)} tokens (median "
+                   f"{num(quantile(lengths, 0.5), 0)}, 90th percentile {num(quantile(lengths, 0.9), 0)}, max "
+                   f"{max(lengths)}); {100 * eos:.0f} % ended with EOS, the rest hit the token limit")
+    return out

@@ -207,6 +207,29 @@ def plot_amapo(runs: list[Run], colors: list[str]):
     return fig
 
 
+def plot_generation_lengths(runs: list[Run], colors: list[str]):
+    have = [(r, c, [g["n_tokens"] for g in r.generations]) for r, c in zip(runs, colors) if r.generations]
+    if not have:
+        return "no run has generations (prefalign generate writes RUN/generations.jsonl)"
+    import numpy as np
+
+    longest = max(max(ls) for _, _, ls in have)
+    edges = np.linspace(0, max(longest, 1) + 1, min(41, max(longest, 1) + 2))
+    fig, (ax,) = _figure()
+    for _, c, ls in have:
+        w = np.full(len(ls), 1.0 / len(ls))
+        ax.hist(ls, bins=edges, weights=w, color=c, alpha=0.18, histtype="stepfilled")
+        ax.hist(ls, bins=edges, weights=w, color=c, histtype="step", linewidth=1.8)
+        ax.axvline(quantile(ls, 0.5), color=c, linestyle="--", linewidth=1.3)
+    ax.set_xlabel("generated completion length (tokens, up to and including EOS)")
+    ax.set_ylabel("share of prompts")
+    ax.set_title("Generated lengths of each final model (a mass at the right edge = completions cut at the limit)",
+                 fontsize=10.5)
+    handles = [Line2D([], [], color=c, linewidth=2.5, label=f"{r.label} (n={len(ls)})") for r, c, ls in have]
+    fig.legend(handles=handles, title="run", loc="outside right upper", fontsize=9, title_fontsize=9)
+    return fig
+
+
 @dataclass
 class PlotResult:
     filename: str
@@ -226,6 +249,9 @@ PLOTS: list[tuple[str, str, str, Callable]] = [
     ("delta_distribution.png", "Δ distribution", "Histogram of Δ over the held-out pairs for each final model; "
      "the black line is Δ = 0, dashed lines are each run's median.", plot_delta),
     ("amapo_stats.png", "AMaPO batch statistics", "AMaPO's batch μ, s and mean margin over steps.", plot_amapo),
+    ("generation_lengths.png", "Generated lengths", "Histogram of the lengths each final model generates for the "
+     "same prompts (prefalign generate); dashed lines are medians. Length-normalised losses risk long outputs.",
+     plot_generation_lengths),
 ]
 
 

@@ -13,9 +13,11 @@ from pathlib import Path
 from ..errors import PrefalignError
 from ..run_files import (
     BEFORE_FILE,
+    BENCH_FOLDER,
     CONFIG_FILE,
     EVAL_FILE,
     EVAL_RANKING_ACCURACY,
+    GENERATIONS_FILE,
     METRICS_FILE,
     PER_PAIR_FILE,
     SHARE_CORRECT,
@@ -70,6 +72,8 @@ class Run:
     before: dict | None = None  # eval summary before training
     label: str = ""
     notes: list[str] = field(default_factory=list)
+    bench: dict[str, dict] = field(default_factory=dict)  # prefalign bench results: "rm-bench-avg" -> result
+    generations: list[dict] | None = None  # prefalign generate's completions of the final model
 
     @property
     def loss_type(self) -> str | None:
@@ -174,6 +178,11 @@ def load_run(path: str | Path) -> Run:
         run.heldout = HeldOut(summary, records, f"{METRICS_FILE} (last eval row, step {row.get('step')})")
     elif records is not None:
         run.heldout = HeldOut({}, records, PER_PAIR_FILE)
+
+    for result in sorted((path / BENCH_FOLDER).glob("*.json")) if (path / BENCH_FOLDER).is_dir() else []:
+        run.bench[result.stem] = read_json_object(result)
+    if (path / GENERATIONS_FILE).is_file():
+        run.generations = read_jsonl(path / GENERATIONS_FILE)
 
     if (path / BEFORE_FILE).is_file():
         run.before = read_json_object(path / BEFORE_FILE)

@@ -18,6 +18,8 @@ COMMANDS = [
     ("prefalign.cli.demo", "add_parser"),
     ("prefalign.cli.compare", "add_parser"),
     ("prefalign.cli.data", "add_parser"),
+    ("prefalign.cli.bench", "add_parser"),
+    ("prefalign.cli.generate", "add_parser"),
 ]
 
 
