@@ -609,26 +609,40 @@ def parse_overrides(argv: list[str]) -> dict:
     return out
 
 
+def read_recipe(recipe: str | Path) -> dict:
+    """A recipe YAML (read with safe_load) as checked config values, its relative input paths made absolute
+    from its folder."""
+    path = Path(recipe)
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except OSError as e:
+        raise ConfigError(f"{path}: cannot read recipe ({e.strerror or e})") from None
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f"{path}:{mark.line + 1}" if mark else str(path)
+        raise ConfigError(f"{where}: invalid YAML ({getattr(e, 'problem', e)})") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: a recipe must be a mapping of key: value")
+    return recipe_values(data, path, where=str(path))
+
+
+def recipe_values(data: dict, recipe: Path, *, where: str) -> dict:
+    """Config values of a recipe-like mapping: keys checked, values coerced, relative input paths made
+    absolute from `recipe`'s folder (as a recipe's are)."""
+    values = {}
+    for key, val in data.items():
+        key = _canonical(str(key))
+        if key not in config_fields():
+            raise _unknown_key(str(key), where)
+        values[key] = _from_recipe_folder(key, coerce(key, val, where), Path(recipe))
+    return values
+
+
 def load_config(recipe: str | Path | None = None, overrides: list[str] | dict | None = None, **defaults) -> PreferenceConfig:
     """Recipe YAML (read with safe_load) < command-line overrides; `defaults` fill keys neither sets."""
     values: dict = dict(defaults)
     if recipe is not None:
-        path = Path(recipe)
-        try:
-            data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-        except OSError as e:
-            raise ConfigError(f"{path}: cannot read recipe ({e.strerror or e})") from None
-        except yaml.YAMLError as e:
-            mark = getattr(e, "problem_mark", None)
-            where = f"{path}:{mark.line + 1}" if mark else str(path)
-            raise ConfigError(f"{where}: invalid YAML ({getattr(e, 'problem', e)})") from None
-        if not isinstance(data, dict):
-            raise ConfigError(f"{path}: a recipe must be a mapping of key: value")
-        for key, val in data.items():
-            key = _canonical(str(key))
-            if key not in config_fields():
-                raise _unknown_key(str(key), str(path))
-            values[key] = _from_recipe_folder(key, coerce(key, val, str(path)), path)
+        values.update(read_recipe(recipe))
     if isinstance(overrides, dict):
         over = {_canonical(k): v for k, v in overrides.items()}
         for k in over:

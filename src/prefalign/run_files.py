@@ -15,6 +15,7 @@ writer (`training/`, `evaluate.py`) and the readers (`analysis/`, `cli/`) use, s
       reference_logps/          the run's reference log-probs         (REFERENCE_FOLDER; reference: precomputed)
       bench/BENCHMARK-SCORE.json  prefalign bench results of the model  (BENCH_FOLDER)
       generations.jsonl         prefalign generate's completions       (GENERATIONS_FILE)
+      eval_train.json           ranking accuracy on training pairs     (TRAIN_EVAL_FILE; prefalign sweep)
       checkpoint-N/, model and tokenizer files (transformers'), spo_head.* (with SPO);
       in a checkpoint also loss_state.safetensors (α-DPO/β-DPO) and reference_model.safetensors (TR-DPO)
 
@@ -43,7 +44,8 @@ PER_PAIR_FILE = "eval_per_pair.jsonl"
 SUMMARY_FILE = "train_summary.json"
 REFERENCE_FOLDER = "reference_logps"
 BENCH_FOLDER = "bench"  # prefalign bench results of the run's model: bench/{benchmark}-{score}.json
-GENERATIONS_FILE = "generations.jsonl"  # prefalign generate's completions of the run's model
+GENERATIONS_FILE = "generations.jsonl"
+TRAIN_EVAL_FILE = "eval_train.json"  # prefalign sweep: the final model's ranking accuracy on training pairs  # prefalign generate's completions of the run's model
 LOSS_STATE_FILE = "loss_state.safetensors"  # in a checkpoint: stateful losses' running statistics
 SYNCED_REFERENCE_FILE = "reference_model.safetensors"  # in a checkpoint: the TR-DPO reference's weights
 INTERRUPTED_EXIT_CODE = 143  # 128 + SIGTERM, what a shell reports for a job stopped by SIGTERM

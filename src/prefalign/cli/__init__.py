@@ -20,6 +20,7 @@ COMMANDS = [
     ("prefalign.cli.data", "add_parser"),
     ("prefalign.cli.bench", "add_parser"),
     ("prefalign.cli.generate", "add_parser"),
+    ("prefalign.cli.sweep", "add_parser"),
 ]
 
 

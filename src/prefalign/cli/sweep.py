@@ -1,0 +1,44 @@
+"""`prefalign sweep SWEEP.yaml [--json]`: run a grid of trainings and report which differences are separated."""
+
+from __future__ import annotations
+
+import json
+import sys
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser("sweep", help="run a grid of trainings (methods x seeds) and compare them with intervals",
+                       description="Run every cell of a sweep file (finished cells are skipped), then report each "
+                       "method's held-out accuracy over seeds and its paired difference against the baseline.")
+    p.add_argument("sweep_file", metavar="SWEEP.yaml")
+    p.add_argument("--dry-run", action="store_true", help="list the cells and their commands, run nothing")
+    p.add_argument("--report-only", action="store_true", help="report on the finished cells, train nothing")
+    p.add_argument("--json", action="store_true",
+                   help='print {"methods": {NAME: {mean, ci, n_seeds}}, "paired": {NAME: {diff, ci}}} at the end')
+    p.set_defaults(func=run)
+
+
+def run(args) -> int:
+    from ..sweep.report import summarize_sweep, write_report
+    from ..sweep.runner import finished, run_cells
+    from ..sweep.spec import load_sweep
+
+    sweep = load_sweep(args.sweep_file)
+    echo = (lambda m: print(m, file=sys.stderr)) if args.json else print
+    if args.dry_run:
+        for cell in sweep.cells:
+            state = "finished" if finished(cell) else "to run"
+            print(f"{cell.name}: {state} -> {cell.run_dir}")
+        return 0
+    if not args.report_only:
+        run_cells(sweep, echo=echo)
+    summary = summarize_sweep(sweep)
+    report = write_report(sweep, summary, sweep.output_dir / "report")
+    if args.json:
+        keep = ("mean", "ci", "n_seeds")
+        print(json.dumps({"methods": {m: {k: v[k] for k in keep} for m, v in summary["methods"].items()},
+                          "paired": {m: {"diff": v["diff"], "ci": v["ci"]} for m, v in summary["paired"].items()}}))
+    else:
+        print(report.read_text(encoding="utf-8"))
+    echo(f"wrote {report}")
+    return 0

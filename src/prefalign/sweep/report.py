@@ -1,0 +1,134 @@
+"""A sweep's report: per method the held-out ranking accuracy over seeds with its interval, the paired
+difference against the baseline (`stats.py`), accuracy over steps, the train-vs-held-out gap, gradient
+allocation, generated lengths and bench results — and `prefalign compare` over every run for the rest."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from ..errors import PrefalignError
+from ..run_files import EVAL_RANKING_ACCURACY, TRAIN_EVAL_FILE, read_json_object, write_json
+from .spec import Sweep
+from .stats import bootstrap, pairs_to_separate
+
+REPORT_MD = "sweep_report.md"
+RESULTS_JSON = "sweep_results.json"
+
+
+def _mean(xs):
+    xs = [x for x in xs if x is not None]
+    return sum(xs) / len(xs) if xs else None
+
+
+def collect(sweep: Sweep) -> dict:
+    from ..analysis.runs import load_run
+
+    runs, correct = {}, {}
+    for cell in sweep.cells:
+        run = load_run(cell.run_dir)
+        if run.heldout is None or run.heldout.records is None:
+            raise PrefalignError(f"{cell.run_dir}: no per-pair held-out records (eval_per_pair.jsonl): the sweep "
+                                 "compares methods pair by pair; give the base an eval_dataset")
+        records = sorted(run.heldout.records, key=lambda r: r["index"])
+        correct.setdefault(cell.method, {})[cell.seed] = [bool(r["correct"]) for r in records]
+        runs.setdefault(cell.method, {})[cell.seed] = run
+    return {"runs": runs, "correct": correct}
+
+
+def summarize_sweep(sweep: Sweep) -> dict:
+    got = collect(sweep)
+    stats = bootstrap(got["correct"], baseline=sweep.baseline)
+    for paired in stats["paired"].values():
+        paired["pairs_for_2_points"] = pairs_to_separate(paired["se"], stats["n_pairs"])
+    details = {}
+    for method, by_seed in got["runs"].items():
+        curves: dict[int, list[float]] = {}
+        for run in by_seed.values():
+            for step, acc in run.series(EVAL_RANKING_ACCURACY):
+                curves.setdefault(step, []).append(acc)
+        train_acc = _mean([read_json_object(run.path / TRAIN_EVAL_FILE).get("ranking_accuracy")
+                           for run in by_seed.values() if (run.path / TRAIN_EVAL_FILE).is_file()])
+        misranked = _mean([_mean([v for _, v in run.misranked_share()]) for run in by_seed.values()])
+        lengths = _mean([_mean([g["n_tokens"] for g in run.generations]) for run in by_seed.values() if run.generations])
+        bench = {}
+        for run in by_seed.values():
+            for name, res in run.bench.items():
+                bench.setdefault(name, []).append(res.get("score"))
+        details[method] = {
+            "accuracy_by_step": {str(s): _mean(v) for s, v in sorted(curves.items())},
+            "train_ranking_accuracy": train_acc,
+            "train_minus_heldout": None if train_acc is None else train_acc - stats["methods"][method]["mean"],
+            "mean_share_misranked": misranked,
+            "mean_generated_tokens": lengths,
+            "bench": {k: _mean(v) for k, v in bench.items()},
+        }
+    return {"methods": stats["methods"], "paired": stats["paired"], "baseline": sweep.baseline,
+            "seeds": stats["seeds"], "n_pairs": stats["n_pairs"], "details": details}
+
+
+def sentence(name: str, baseline: str, p: dict, n_seeds: int, n_pairs: int) -> str:
+    lo, hi = p["ci"]
+    verdict = "separated" if p["separated"] else "not separated (the interval includes 0)"
+    need = p.get("pairs_for_2_points")
+    power = f"; about {need} held-out pairs would separate a 2-point difference at this variance" if need else ""
+    return (f"{name} − {baseline}: {100 * p['diff']:+.1f} points (95 % CI {100 * lo:+.1f} to {100 * hi:+.1f}; "
+            f"{n_seeds} seed{'s' if n_seeds != 1 else ''} × {n_pairs} pairs, paired): {verdict}{power}.")
+
+
+def write_report(sweep: Sweep, summary: dict, out: Path) -> Path:
+    from ..analysis.compare import compare
+
+    out.mkdir(parents=True, exist_ok=True)
+    write_json(out / RESULTS_JSON, summary)
+    dirs = [c.run_dir for c in sweep.cells]
+    compare(dirs, out / "compare", labels=[f"{c.method} s{c.seed}" for c in sweep.cells])
+    plot = _plot_curves(summary, out)
+    pct = lambda v: "—" if v is None else f"{100 * v:.1f}"  # noqa: E731
+    lines = [f"# Sweep: {sweep.path.name}", "",
+             f"{len(sweep.cells)} runs: {len(summary['methods'])} methods × seeds {summary['seeds']}; held-out "
+             f"ranking accuracy on the same {summary['n_pairs']} pairs. Intervals: two-level paired bootstrap over "
+             "seeds and pairs (docs/sweep.md).", "",
+             "| method | accuracy % | 95 % CI | per seed | train − held-out | grad on misranked | gen. tokens |",
+             "|---|---|---|---|---|---|---|"]
+    for m, s in summary["methods"].items():
+        d = summary["details"][m]
+        gen = "—" if d["mean_generated_tokens"] is None else f"{d['mean_generated_tokens']:.1f}"
+        share = "—" if d["mean_share_misranked"] is None else f"{d['mean_share_misranked']:.2f}"
+        lines.append(f"| {m} | {pct(s['mean'])} | {pct(s['ci'][0])}–{pct(s['ci'][1])} | "
+                     f"{', '.join(pct(x) for x in s['per_seed'])} | {pct(d['train_minus_heldout'])} | {share} | {gen} |")
+    benches = sorted({b for d in summary["details"].values() for b in d["bench"]})
+    if benches:
+        lines += ["", "| method | " + " | ".join(benches) + " |", "|---|" + "---|" * len(benches)]
+        for m, d in summary["details"].items():
+            lines.append(f"| {m} | " + " | ".join(pct(d["bench"].get(b)) for b in benches) + " |")
+    if summary["paired"]:
+        lines += ["", f"## Against {summary['baseline']}", ""]
+        for m, p in summary["paired"].items():
+            lines.append("- " + sentence(m, summary["baseline"], p, len(summary["seeds"]), summary["n_pairs"]))
+    if plot:
+        lines += ["", f"![Held-out accuracy over steps]({plot})", "",
+                  "*Held-out ranking accuracy during training, mean over seeds.*"]
+    lines += ["", "Per-run plots and tables: [compare/report.md](compare/report.md)."]
+    (out / REPORT_MD).write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return out / REPORT_MD
+
+
+def _plot_curves(summary: dict, out: Path) -> str | None:
+    curves = {m: d["accuracy_by_step"] for m, d in summary["details"].items() if d["accuracy_by_step"]}
+    if not curves:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(8, 4.5), layout="constrained")
+    for m, c in curves.items():
+        steps = [int(s) for s in c]
+        ax.plot(steps, [100 * v for v in c.values()], marker="o", label=m)
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("held-out ranking accuracy (%), mean over seeds")
+    ax.legend(title="method")
+    fig.savefig(out / "accuracy_over_steps.png", dpi=110)
+    plt.close(fig)
+    return "accuracy_over_steps.png"

@@ -1,0 +1,106 @@
+"""prefalign sweep: the smallest sweep file as the issue writes it runs end to end on the tiny model and is
+resumable; the bootstrap is checked on data whose answer is known."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from conftest import shared_path
+
+from prefalign.cli import main as cli_main
+from prefalign.sweep.spec import load_sweep
+from prefalign.sweep.stats import bootstrap, pairs_to_separate
+
+
+def test_identical_methods_differ_by_exactly_zero():
+    correct = {"a": {1: [True, False, True, True], 2: [False, False, True, True]}}
+    correct["b"] = {s: list(v) for s, v in correct["a"].items()}
+    out = bootstrap(correct, baseline="a", replicates=500)
+    assert out["paired"]["b"]["ci"] == [0.0, 0.0] and not out["paired"]["b"]["separated"]
+    assert out["methods"]["a"]["mean"] == pytest.approx(5 / 8)
+    assert out["methods"]["a"]["per_seed"] == [0.75, 0.5]
+
+
+def test_a_method_right_on_every_pair_the_baseline_misses_is_separated():
+    rng = np.random.default_rng(0)
+    base = {s: list(rng.random(200) < 0.5) for s in (1, 2, 3)}
+    better = {s: [True] * 200 for s in (1, 2, 3)}
+    out = bootstrap({"base": base, "better": better}, baseline="base", replicates=1000)
+    p = out["paired"]["better"]
+    assert p["separated"] and p["ci"][0] > 0.3 and p["diff"] == pytest.approx(1 - np.mean([np.mean(v) for v in base.values()]))
+    lo, hi = out["methods"]["base"]["ci"]
+    assert lo < out["methods"]["base"]["mean"] < hi
+
+
+def test_the_interval_covers_the_truth_about_95_percent_of_the_time():
+    """Two methods of equal accuracy 0.7 (independent errors): the 95 % interval of their difference should
+    contain 0 in roughly 95 % of simulated studies (3 seeds x 150 pairs)."""
+    rng = np.random.default_rng(1)
+    covered = 0
+    trials = 60
+    for _ in range(trials):
+        data = {m: {s: list(rng.random(150) < 0.7) for s in (1, 2, 3)} for m in ("a", "b")}
+        ci = bootstrap(data, baseline="a", replicates=400, seed=int(rng.integers(1 << 30)))["paired"]["b"]["ci"]
+        covered += ci[0] <= 0 <= ci[1]
+    assert covered / trials >= 0.85
+
+
+def test_pairs_needed_scale_with_the_variance():
+    assert pairs_to_separate(0.02, 100) == int(np.ceil(100 * (0.02 / (0.02 / 2.8)) ** 2))
+    assert pairs_to_separate(0.0, 100) is None
+
+
+def _sweep_file(tmp_path, extra: str = "") -> str:
+    import gzip
+
+    with gzip.open(shared_path("data", "hh-rlhf", "helpful-base-test.jsonl.gz"), "rt", encoding="utf-8") as f:
+        rows = [json.loads(next(f)) for _ in range(40)]
+    rows = [r for r in rows if r["chosen"] != r["rejected"]]
+    (tmp_path / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows[:16]))
+    (tmp_path / "test.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows[16:28]))
+    model = shared_path("models", "stories260K")
+    path = tmp_path / "sweep.yaml"
+    path.write_text(
+        f"base: {{model_name_or_path: {model}, dataset: ./train.jsonl, eval_dataset: ./test.jsonl, max_steps: 3,\n"
+        "       per_device_train_batch_size: 2, max_length: 96, use_cpu: true, report_to: none,\n"
+        "       save_strategy: 'no', disable_tqdm: true, learning_rate: 0.001}\n"
+        "grid: {loss_type: [dpo, amapo], seed: [1, 2]}\n"
+        "baseline: dpo\n"
+        "output_dir: runs/sweep\n" + extra)
+    return str(path)
+
+
+def test_the_smallest_sweep_runs_resumes_and_prints_its_json(tmp_path, capsys):
+    path = _sweep_file(tmp_path)
+    sweep = load_sweep(path)
+    assert [c.name for c in sweep.cells] == ["dpo/seed1", "dpo/seed2", "amapo/seed1", "amapo/seed2"]
+    assert sweep.cells[0].values["eval_steps"] == 1 and sweep.cells[0].values["dataset"] == str(tmp_path / "train.jsonl")
+    assert cli_main(["sweep", path, "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert set(out) == {"methods", "paired"} and set(out["methods"]) == {"dpo", "amapo"}
+    for m in out["methods"].values():
+        assert m["n_seeds"] == 2 and m["ci"][0] <= m["mean"] <= m["ci"][1]
+    assert set(out["paired"]) == {"amapo"} and len(out["paired"]["amapo"]["ci"]) == 2
+    report = (tmp_path / "runs" / "sweep" / "report" / "sweep_report.md").read_text()
+    assert "## Against dpo" in report and ("separated" in report)
+    assert (tmp_path / "runs" / "sweep" / "report" / "accuracy_over_steps.png").is_file()
+    assert (tmp_path / "runs" / "sweep" / "report" / "compare" / "report.md").is_file()
+    # rerun: every cell is finished, nothing trains again, the same numbers come out
+    assert cli_main(["sweep", path, "--json"]) == 0
+    captured = capsys.readouterr()
+    assert json.loads(captured.out) == out
+    assert captured.err.count("finished before, skipped") == 4
+
+
+def test_a_bad_sweep_file_is_one_line(tmp_path):
+    path = tmp_path / "s.yaml"
+    path.write_text("base: {loss_type: dpo}\ngrid: {loss_type: [dpo]}\noutput_dir: x\nbaselines: dpo\n")
+    from prefalign.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="unknown key 'baselines'"):
+        load_sweep(path)
+    path.write_text("base: {loss_type: dpo}\ngrid: {loss_type: [dpo, simpo]}\noutput_dir: x\nbaseline: ipo\n")
+    with pytest.raises(ConfigError, match="baseline 'ipo' is not one of the methods: dpo, simpo"):
+        load_sweep(path)
