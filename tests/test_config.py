@@ -71,11 +71,27 @@ def test_amapo_switches_reach_the_loss():
 def test_shipped_recipes_load():
     from pathlib import Path
 
-    recipes = sorted((Path(__file__).resolve().parents[1] / "recipes").rglob("*.yaml"))
+    root = Path(__file__).resolve().parents[1] / "recipes"
+    recipes = sorted(p for p in root.rglob("*.yaml") if "sweeps" not in p.parts)
     assert len(recipes) >= 11
     for r in recipes:
         cfg = load_config(r, ["--use_cpu", "--bf16", "false"])
         assert cfg.loss_type in r.name
+
+
+def test_shipped_sweeps_load_and_every_cell_is_a_valid_config():
+    from pathlib import Path
+
+    from prefalign.config import PreferenceConfig
+    from prefalign.sweep.spec import load_sweep
+
+    sweeps = sorted((Path(__file__).resolve().parents[1] / "recipes" / "sweeps").glob("*.yaml"))
+    assert len(sweeps) >= 5
+    for path in sweeps:
+        sweep = load_sweep(path)
+        assert sweep.baseline == "dpo" and len(sweep.methods) == 5 and len(sweep.cells) == 15
+        for cell in sweep.cells:
+            PreferenceConfig(**{**cell.values, "use_cpu": True, "bf16": False})
 
 
 def test_old_names_are_aliases(tmp_path):

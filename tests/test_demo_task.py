@@ -106,3 +106,19 @@ def test_write_demo_dataset_round_trips(tmp_path):
     rows = [json.loads(line) for line in train_path.read_text().splitlines()]
     assert rows == make_demo_pairs("train", 12, seed=2)
     assert len(test_path.read_text().splitlines()) == 7
+
+
+def test_flipped_training_labels_are_counted_reproducible_and_only_in_training(tmp_path):
+    from prefalign.cli import main as cli_main
+
+    assert cli_main(["data", "task", "--out", str(tmp_path / "t"), "--n-train", "50", "--n-test", "10",
+                     "--flip", "0.2"]) == 0
+    train = [json.loads(line) for line in (tmp_path / "t" / "train.jsonl").read_text().splitlines()]
+    test = [json.loads(line) for line in (tmp_path / "t" / "test.jsonl").read_text().splitlines()]
+    assert sum(r["flipped"] for r in train) == 10 and not any("flipped" in r for r in test)
+    clean = make_demo_pairs("train", 50)
+    for r, c in zip(train, clean):
+        assert (r["chosen"], r["rejected"]) == ((c["rejected"], c["chosen"]) if r["flipped"] else (c["chosen"], c["rejected"]))
+    again = tmp_path / "u"
+    assert cli_main(["data", "task", "--out", str(again), "--n-train", "50", "--n-test", "10", "--flip", "0.2"]) == 0
+    assert (again / "train.jsonl").read_text() == (tmp_path / "t" / "train.jsonl").read_text()

@@ -125,15 +125,31 @@ def make_demo_pairs(split: str, n: int, seed: int = 0) -> list[dict]:
     return pairs
 
 
-def write_demo_dataset(folder: str | Path, n_train: int, n_test: int, seed: int = 0) -> tuple[Path, Path]:
-    """Write train.jsonl and test.jsonl into `folder` (created if needed); returns their paths."""
+def flip_labels(pairs: list[dict], fraction: float, seed: int = 0) -> list[dict]:
+    """The same pairs with chosen and rejected swapped in round(fraction·n) of them, drawn with `seed`
+    (controlled label noise; each flipped pair is marked `flipped: true`)."""
+    if not 0 <= fraction <= 1:
+        raise ValueError(f"the flipped fraction must be in [0, 1], got {fraction}")
+    rng = random.Random(f"prefalign-demo/flip/{seed}")
+    flipped = set(rng.sample(range(len(pairs)), round(fraction * len(pairs))))
+    return [{**p, "chosen": p["rejected"], "rejected": p["chosen"], "flipped": True} if i in flipped
+            else {**p, "flipped": False} for i, p in enumerate(pairs)]
+
+
+def write_demo_dataset(folder: str | Path, n_train: int, n_test: int, seed: int = 0,
+                       flip: float = 0.0) -> tuple[Path, Path]:
+    """Write train.jsonl and test.jsonl into `folder` (created if needed); returns their paths. `flip`: the
+    fraction of *training* pairs whose labels are swapped (the held-out pairs stay correct)."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     paths = []
     for split, n in (("train", n_train), ("test", n_test)):
         path = folder / f"{split}.jsonl"
+        pairs = make_demo_pairs(split, n, seed)
+        if split == "train" and flip:
+            pairs = flip_labels(pairs, flip, seed)
         with path.open("w", encoding="utf-8") as f:
-            for pair in make_demo_pairs(split, n, seed):
+            for pair in pairs:
                 f.write(json.dumps(pair) + "\n")
         paths.append(path)
     return paths[0], paths[1]

@@ -28,6 +28,28 @@ def add_parser(subparsers) -> None:
     parser.add_argument("--chat-template", help="jinja file or text, for a tokenizer without a chat template")
     parser.add_argument("--json", action="store_true", help="print one JSON object")
     parser.set_defaults(func=run)
+    task = commands.add_parser(
+        "task", help="write the demo's checkable task (train.jsonl, test.jsonl), optionally with flipped labels",
+        description="The demo's generated task: correct vs plausibly wrong answers to unit-conversion, rounding, "
+        "decimal-comparison and doubling questions; held-out numbers never appear in training.")
+    task.add_argument("--out", required=True, help="folder for train.jsonl and test.jsonl")
+    task.add_argument("--n-train", type=int, default=400)
+    task.add_argument("--n-test", type=int, default=200)
+    task.add_argument("--seed", type=int, default=0)
+    task.add_argument("--flip", type=float, default=0.0, help="fraction of training pairs with swapped labels")
+    task.set_defaults(func=run_task)
+
+
+def run_task(args: argparse.Namespace) -> int:
+    from ..demo_task import write_demo_dataset
+    from ..errors import ConfigError
+
+    if not 0 <= args.flip <= 1 or args.n_train < 1 or args.n_test < 1:
+        raise ConfigError("--flip must be in [0, 1] and --n-train, --n-test at least 1")
+    train, test = write_demo_dataset(args.out, args.n_train, args.n_test, seed=args.seed, flip=args.flip)
+    print(f"wrote {train} ({args.n_train} pairs, {round(args.flip * args.n_train)} flipped) and {test} "
+          f"({args.n_test} pairs)")
+    return 0
 
 
 def run(args: argparse.Namespace) -> int:

@@ -93,7 +93,7 @@ def extras(sweep: Sweep, cell: Cell, echo) -> None:
 
         echo(f"    {cell.name}: generate")
         g = sweep.generate
-        rows = generate_completions(str(cell.run_dir), g["dataset"], limit=g.get("limit"),
+        rows = generate_completions(str(cell.run_dir), g["dataset"], split=g.get("split"), limit=g.get("limit"),
                                     max_new_tokens=g.get("max_new_tokens", 256), batch_size=g.get("batch_size", 8),
                                     data_format=cell.values.get("data_format", "auto"),
                                     chat_template=cell.values.get("chat_template"))
