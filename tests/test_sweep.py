@@ -104,3 +104,12 @@ def test_a_bad_sweep_file_is_one_line(tmp_path):
     path.write_text("base: {loss_type: dpo}\ngrid: {loss_type: [dpo, simpo]}\noutput_dir: x\nbaseline: ipo\n")
     with pytest.raises(ConfigError, match="baseline 'ipo' is not one of the methods: dpo, simpo"):
         load_sweep(path)
+
+
+def test_per_seed_quantities_get_a_t_interval_over_seeds():
+    from prefalign.sweep.stats import paired_seed_interval
+
+    out = paired_seed_interval([1.0, 3.0, 5.0, None], [0.0, 1.0, 2.0, 7.0])  # diffs 1, 2, 3; the 4th is missing
+    half = 4.303 * 1.0 / 3 ** 0.5
+    assert out["diff"] == 2.0 and out["ci"] == pytest.approx([2 - half, 2 + half]) and out["n_seeds"] == 3
+    assert not out["separated"] and paired_seed_interval([1.0], [0.0]) is None

@@ -13,6 +13,7 @@ def add_parser(sub) -> None:
     p.add_argument("sweep_file", metavar="SWEEP.yaml")
     p.add_argument("--dry-run", action="store_true", help="list the cells and their commands, run nothing")
     p.add_argument("--report-only", action="store_true", help="report on the finished cells, train nothing")
+    p.add_argument("--baseline", default=None, help="compare against another method (report in report-vs-NAME/)")
     p.add_argument("--json", action="store_true",
                    help='print {"methods": {NAME: {mean, ci, n_seeds}}, "paired": {NAME: {diff, ci}}} at the end')
     p.set_defaults(func=run)
@@ -32,8 +33,11 @@ def run(args) -> int:
         return 0
     if not args.report_only:
         run_cells(sweep, echo=echo)
-    summary = summarize_sweep(sweep)
-    report = write_report(sweep, summary, sweep.output_dir / "report")
+    from ..sweep.spec import slug
+
+    summary = summarize_sweep(sweep, args.baseline)
+    folder = "report" if args.baseline in (None, sweep.baseline) else f"report-vs-{slug(args.baseline)}"
+    report = write_report(sweep, summary, sweep.output_dir / folder)
     if args.json:
         keep = ("mean", "ci", "n_seeds")
         print(json.dumps({"methods": {m: {k: v[k] for k in keep} for m, v in summary["methods"].items()},

@@ -9,7 +9,7 @@ from pathlib import Path
 from ..errors import PrefalignError
 from ..run_files import EVAL_RANKING_ACCURACY, TRAIN_EVAL_FILE, read_json_object, write_json
 from .spec import Sweep
-from .stats import bootstrap, pairs_to_separate
+from .stats import bootstrap, paired_seed_interval, pairs_to_separate
 
 REPORT_MD = "sweep_report.md"
 RESULTS_JSON = "sweep_results.json"
@@ -35,9 +35,12 @@ def collect(sweep: Sweep) -> dict:
     return {"runs": runs, "correct": correct}
 
 
-def summarize_sweep(sweep: Sweep) -> dict:
+def summarize_sweep(sweep: Sweep, baseline: str | None = None) -> dict:
     got = collect(sweep)
-    stats = bootstrap(got["correct"], baseline=sweep.baseline)
+    baseline = baseline or sweep.baseline
+    if baseline is not None and baseline not in got["correct"]:
+        raise PrefalignError(f"baseline {baseline!r} is not one of the methods: {', '.join(got['correct'])}")
+    stats = bootstrap(got["correct"], baseline=baseline)
     for paired in stats["paired"].values():
         paired["pairs_for_2_points"] = pairs_to_separate(paired["se"], stats["n_pairs"])
     details = {}
@@ -46,9 +49,13 @@ def summarize_sweep(sweep: Sweep) -> dict:
         for run in by_seed.values():
             for step, acc in run.series(EVAL_RANKING_ACCURACY):
                 curves.setdefault(step, []).append(acc)
-        train_acc = _mean([read_json_object(run.path / TRAIN_EVAL_FILE).get("ranking_accuracy")
-                           for run in by_seed.values() if (run.path / TRAIN_EVAL_FILE).is_file()])
+        train_per_seed = [read_json_object(run.path / TRAIN_EVAL_FILE).get("ranking_accuracy")
+                          if (run.path / TRAIN_EVAL_FILE).is_file() else None for run in by_seed.values()]
+        train_acc = _mean(train_per_seed)
+        heldout = stats["methods"][method]["per_seed"]
+        gaps = [None if t is None else t - h for t, h in zip(train_per_seed, heldout)]
         misranked = _mean([_mean([v for _, v in run.misranked_share()]) for run in by_seed.values()])
+        concentration = [_concentration(run) for run in by_seed.values()]
         lengths = _mean([_mean([g["n_tokens"] for g in run.generations]) for run in by_seed.values() if run.generations])
         bench = {}
         for run in by_seed.values():
@@ -58,12 +65,28 @@ def summarize_sweep(sweep: Sweep) -> dict:
             "accuracy_by_step": {str(s): _mean(v) for s, v in sorted(curves.items())},
             "train_ranking_accuracy": train_acc,
             "train_minus_heldout": None if train_acc is None else train_acc - stats["methods"][method]["mean"],
+            "train_minus_heldout_per_seed": gaps,
             "mean_share_misranked": misranked,
+            # share of gradient weight on misranked pairs ÷ share of pairs misranked, per seed: > 1 means the
+            # gradient concentrates on the misranked pairs (AMaPO's mechanism), 1 means it is spread evenly
+            "gradient_concentration_per_seed": concentration,
+            "gradient_concentration": _mean(concentration),
             "mean_generated_tokens": lengths,
             "bench": {k: _mean(v) for k, v in bench.items()},
         }
-    return {"methods": stats["methods"], "paired": stats["paired"], "baseline": sweep.baseline,
+    for method, paired in stats["paired"].items():
+        for key, per_seed in (("gradient_concentration", "gradient_concentration_per_seed"),
+                              ("train_minus_heldout", "train_minus_heldout_per_seed")):
+            paired[key] = paired_seed_interval(details[method][per_seed], details[baseline][per_seed])
+    return {"methods": stats["methods"], "paired": stats["paired"], "baseline": baseline,
             "seeds": stats["seeds"], "n_pairs": stats["n_pairs"], "details": details}
+
+
+def _concentration(run) -> float | None:
+    misranked_pairs = dict((s, 1 - v) for s, v in run.series("rewards/accuracies"))
+    ratios = [share / misranked_pairs[s] for s, share in run.misranked_share()
+              if misranked_pairs.get(s, 0) > 0]
+    return _mean(ratios)
 
 
 def sentence(name: str, baseline: str, p: dict, n_seeds: int, n_pairs: int) -> str:
@@ -87,15 +110,21 @@ def write_report(sweep: Sweep, summary: dict, out: Path) -> Path:
     lines = [f"# Sweep: {sweep.path.name}", "",
              f"{len(sweep.cells)} runs: {len(summary['methods'])} methods × seeds {summary['seeds']}; held-out "
              f"ranking accuracy on the same {summary['n_pairs']} pairs. Intervals: two-level paired bootstrap over "
-             "seeds and pairs (docs/sweep.md).", "",
-             "| method | accuracy % | 95 % CI | per seed | train − held-out | grad on misranked | gen. tokens |",
-             "|---|---|---|---|---|---|---|"]
+             "seeds and pairs (docs/sweep.md). Train − held-out: ranking accuracy on training pairs minus held-out "
+             "(overfitting). Grad on misranked: mean share of the gradient weight on misranked training pairs; "
+             "concentration (per seed): that share ÷ the share of pairs misranked, averaged over logging windows "
+             "(> 1: gradient concentrated on misranked pairs).", "",
+             "| method | accuracy % | 95 % CI | per seed | train − held-out | grad on misranked | concentration |"
+             " gen. tokens |",
+             "|---|---|---|---|---|---|---|---|"]
     for m, s in summary["methods"].items():
         d = summary["details"][m]
         gen = "—" if d["mean_generated_tokens"] is None else f"{d['mean_generated_tokens']:.1f}"
         share = "—" if d["mean_share_misranked"] is None else f"{d['mean_share_misranked']:.2f}"
+        conc = ", ".join("—" if c is None else f"{c:.2f}" for c in d["gradient_concentration_per_seed"])
         lines.append(f"| {m} | {pct(s['mean'])} | {pct(s['ci'][0])}–{pct(s['ci'][1])} | "
-                     f"{', '.join(pct(x) for x in s['per_seed'])} | {pct(d['train_minus_heldout'])} | {share} | {gen} |")
+                     f"{', '.join(pct(x) for x in s['per_seed'])} | {pct(d['train_minus_heldout'])} | {share} | "
+                     f"{conc} | {gen} |")
     benches = sorted({b for d in summary["details"].values() for b in d["bench"]})
     if benches:
         lines += ["", "| method | " + " | ".join(benches) + " |", "|---|" + "---|" * len(benches)]
@@ -105,6 +134,15 @@ def write_report(sweep: Sweep, summary: dict, out: Path) -> Path:
         lines += ["", f"## Against {summary['baseline']}", ""]
         for m, p in summary["paired"].items():
             lines.append("- " + sentence(m, summary["baseline"], p, len(summary["seeds"]), summary["n_pairs"]))
+            for key, what in (("gradient_concentration", "gradient concentration on misranked pairs"),
+                              ("train_minus_heldout", "train − held-out gap (points)")):
+                q = p.get(key)
+                if q is None:
+                    continue
+                scale = 100 if key == "train_minus_heldout" else 1
+                lines.append(f"  - {what}: {scale * q['diff']:+.2f} (95 % t-interval over {q['n_seeds']} seeds "
+                             f"{scale * q['ci'][0]:+.2f} to {scale * q['ci'][1]:+.2f}): "
+                             f"{'separated' if q['separated'] else 'not separated'}")
     if plot:
         lines += ["", f"![Held-out accuracy over steps]({plot})", "",
                   "*Held-out ranking accuracy during training, mean over seeds.*"]
