@@ -190,3 +190,31 @@ def test_pad_id_outside_the_vocabulary_is_replaced():
         a = prefix_shared_logps(model, *packed_inputs(PrefixSharedCollator(2)(rows)))
         b = prefix_shared_logps(model, *packed_inputs(PrefixSharedCollator(0)(rows)))
     torch.testing.assert_close(a.sum, b.sum)  # the pad id does not matter: padded positions are masked
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_per_token_quantities_for_wpo_and_ld_dpo_equal_the_models_own(family):
+    """WPO weights and LD-DPO sums come from the chunked head's per-token outputs: on every family, unshared
+    and (where accepted) packed, they equal those built from the model's full logits, gradients included."""
+    from prefalign.modeling.sequence_weights import length_desensitized, wpo_weights
+
+    model = tiny_model(family)
+    batch = _batch()
+    paths = {"naive": _naive(model, batch),
+             "unshared": lambda: sequence_logps(model, batch["input_ids"], batch["attention_mask"], batch["labels"],
+                                                with_sum_sq=True)}
+    if family not in PACKING_REFUSED:
+        paths["packed"] = lambda: prefix_shared_logps(model, *packed_inputs(batch), with_sum_sq=True)
+    got = {}
+    for name, fn in paths.items():
+        model.zero_grad()
+        lp = fn()
+        sums, _ = length_desensitized(lp, 0.3)
+        sums.sum().backward()
+        got[name] = (sums.detach(), wpo_weights(lp), {n: p.grad.clone() for n, p in model.named_parameters()
+                                                       if p.grad is not None})
+    for name in got:
+        torch.testing.assert_close(got[name][0], got["naive"][0], atol=1e-5, rtol=1e-4)
+        torch.testing.assert_close(got[name][1], got["naive"][1], atol=1e-5, rtol=1e-4)
+        for param, grad in got["naive"][2].items():
+            torch.testing.assert_close(got[name][2][param], grad, atol=1e-5, rtol=1e-4, msg=param)

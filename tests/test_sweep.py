@@ -104,6 +104,10 @@ def test_a_bad_sweep_file_is_one_line(tmp_path):
     path.write_text("base: {loss_type: dpo}\ngrid: {loss_type: [dpo, simpo]}\noutput_dir: x\nbaseline: ipo\n")
     with pytest.raises(ConfigError, match="baseline 'ipo' is not one of the methods: dpo, simpo"):
         load_sweep(path)
+    path.write_text("base: {loss_type: dpo}\ngrid: {loss_type: [dpo]}\noutput_dir: x\n"
+                    "bench: [{benchmark: rm-bench, limt: 5}]\n")
+    with pytest.raises(ConfigError, match="bench: unknown key 'limt'"):
+        load_sweep(path)
 
 
 def test_per_seed_quantities_get_a_t_interval_over_seeds():

@@ -32,6 +32,16 @@ KEYS = ("base", "grid", "methods", "baseline", "output_dir", "eval_every", "laun
         "train_eval_pairs")
 
 
+BENCH_KEYS = ("benchmark", "dataset", "limit", "score", "batch_size", "max_length")
+GENERATE_KEYS = ("dataset", "split", "limit", "max_new_tokens", "batch_size")
+
+
+def _known_keys(path: Path, what: str, entry: dict, allowed: tuple[str, ...]) -> None:
+    unknown = sorted(set(entry) - set(allowed))
+    if unknown:  # a misspelt key would otherwise be ignored without a word
+        raise ConfigError(f"{path}: {what}: unknown key {unknown[0]!r} (keys: {', '.join(allowed)})")
+
+
 @dataclass
 class Cell:
     method: str  # what the report compares (seed aside)
@@ -132,12 +142,15 @@ def load_sweep(path: str | Path) -> Sweep:
     if not isinstance(bench, list) or not all(isinstance(b, dict) and "benchmark" in b for b in bench):
         raise ConfigError(f"{path}: bench is a list of {{benchmark: rewardbench|rm-bench, dataset: …, limit: …}}")
     for b in bench:
+        _known_keys(path, "bench", b, BENCH_KEYS)
+    for b in bench:
         if isinstance(b.get("dataset"), str) and b["dataset"].startswith(("./", "../")):
             b["dataset"] = str((path.parent / b["dataset"]).resolve())
     generate = spec.get("generate")
     if generate is not None:
         if not isinstance(generate, dict) or "dataset" not in generate:
             raise ConfigError(f"{path}: generate is {{dataset: …, limit: …, max_new_tokens: …}}")
+        _known_keys(path, "generate", generate, GENERATE_KEYS)
         if generate["dataset"].startswith(("./", "../")):
             generate["dataset"] = str((path.parent / generate["dataset"]).resolve())
     eval_every = spec.get("eval_every")
