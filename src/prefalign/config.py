@@ -609,20 +609,28 @@ def parse_overrides(argv: list[str]) -> dict:
     return out
 
 
-def read_recipe(recipe: str | Path) -> dict:
-    """A recipe YAML (read with safe_load) as checked config values, its relative input paths made absolute
-    from its folder."""
-    path = Path(recipe)
+def read_yaml_mapping(path: str | Path, what: str, shape: str) -> dict:
+    """A YAML file read with safe_load that must be a mapping; one ConfigError line naming the file (and line)
+    otherwise. `what` names the file in messages ("recipe"), `shape` says what it must map."""
+    path = Path(path)
     try:
         data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
     except OSError as e:
-        raise ConfigError(f"{path}: cannot read recipe ({e.strerror or e})") from None
+        raise ConfigError(f"{path}: cannot read {what} ({e.strerror or e})") from None
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f"{path}:{mark.line + 1}" if mark else str(path)
         raise ConfigError(f"{where}: invalid YAML ({getattr(e, 'problem', e)})") from None
     if not isinstance(data, dict):
-        raise ConfigError(f"{path}: a recipe must be a mapping of key: value")
+        raise ConfigError(f"{path}: a {what} must be a mapping of {shape}")
+    return data
+
+
+def read_recipe(recipe: str | Path) -> dict:
+    """A recipe YAML (read with safe_load) as checked config values, its relative input paths made absolute
+    from its folder."""
+    path = Path(recipe)
+    data = read_yaml_mapping(path, "recipe", "key: value")
     return recipe_values(data, path, where=str(path))
 
 

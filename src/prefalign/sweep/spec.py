@@ -24,8 +24,6 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import yaml
-
 from ..errors import ConfigError
 
 KEYS = ("base", "grid", "methods", "baseline", "output_dir", "eval_every", "launcher", "bench", "generate",
@@ -76,17 +74,10 @@ def _label(value) -> str:
 
 
 def load_sweep(path: str | Path) -> Sweep:
-    from ..config import read_recipe, recipe_values
+    from ..config import read_recipe, read_yaml_mapping, recipe_values
 
     path = Path(path)
-    try:
-        spec = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-    except OSError as e:
-        raise ConfigError(f"{path}: cannot read sweep file ({e.strerror or e})") from None
-    except yaml.YAMLError as e:
-        raise ConfigError(f"{path}: invalid YAML ({getattr(e, 'problem', e)})") from None
-    if not isinstance(spec, dict):
-        raise ConfigError(f"{path}: a sweep file is a mapping with base, grid, baseline and output_dir")
+    spec = read_yaml_mapping(path, "sweep file", "base, grid, baseline and output_dir")
     unknown = sorted(set(spec) - set(KEYS))
     if unknown:
         raise ConfigError(f"{path}: unknown key {unknown[0]!r} (sweep keys: {', '.join(KEYS)})")
