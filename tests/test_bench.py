@@ -206,3 +206,11 @@ def test_generate_batched_left_padded_equals_one_prompt_at_a_time_and_stops_at_e
     assert summary["eos_fraction"] == pytest.approx(sum(tokenizer.eos_token_id in e for e in expected) / 5)
     assert all(math.isfinite(summary[k]) for k in ("p10_tokens", "p90_tokens"))
     assert cli_main(["generate", "--model", str(model), "--dataset", str(data), "--out", str(out)]) != 0  # kept
+
+
+def test_a_limit_keeps_the_first_rows_of_each_part_in_file_order():
+    from prefalign.bench.run import first_of_each
+
+    rows = [{"subset": s, "i": i} for i, s in enumerate("aaabbc")]
+    assert [r["i"] for r in first_of_each(rows, "subset", 2)] == [0, 1, 3, 4, 5]
+    assert first_of_each(rows, "subset", None) == rows

@@ -117,3 +117,31 @@ def test_per_seed_quantities_get_a_t_interval_over_seeds():
     half = 4.303 * 1.0 / 3 ** 0.5
     assert out["diff"] == 2.0 and out["ci"] == pytest.approx([2 - half, 2 + half]) and out["n_seeds"] == 3
     assert not out["separated"] and paired_seed_interval([1.0], [0.0]) is None
+
+
+def test_a_sweep_with_bench_and_generate_reports_them_per_method_and_paired_by_seed(tmp_path):
+    """The extras a sweep runs on every final model: RM-Bench (the first rows of each domain) and generated
+    lengths reach the report, and each bench score gets a paired interval over seeds against the baseline."""
+    folder = tmp_path / "rm"
+    folder.mkdir()
+    for domain in ("chat", "safety-refuse"):
+        rows = [{"id": i, "prompt": f"Tell me about the {domain} number {i}.",
+                 "chosen": [f"It is {i}.", f"It is {i}, a fine number.", f"**It is {i}.**"],
+                 "rejected": ["No.", "No, I will not say.", "**No.**"]} for i in range(3)]
+        (folder / f"{domain}_filtered.json").write_text(json.dumps(rows))
+    path = _sweep_file(tmp_path, "bench: [{benchmark: rm-bench, dataset: ./rm, limit: 2}]\n"
+                                 "generate: {dataset: ./test.jsonl, limit: 3, max_new_tokens: 4}\n")
+    assert cli_main(["sweep", path]) == 0
+    out = tmp_path / "runs" / "sweep"
+    bench = json.loads((out / "dpo" / "seed1" / "bench" / "rm-bench-avg.json").read_text())
+    assert bench["n_prompts"] == 4 and bench["limit_per_domain"] == 2 and set(bench["domains"]) == {"chat", "safety"}
+    summary = json.loads((out / "report" / "sweep_results.json").read_text())
+    amapo = summary["details"]["amapo"]
+    assert len(amapo["bench_per_seed"]["rm-bench-avg"]) == 2
+    assert amapo["bench"]["rm-bench-avg"] == pytest.approx(sum(amapo["bench_per_seed"]["rm-bench-avg"]) / 2)
+    diffs = [a - b for a, b in zip(amapo["bench_per_seed"]["rm-bench-avg"],
+                                   summary["details"]["dpo"]["bench_per_seed"]["rm-bench-avg"])]
+    assert summary["paired"]["amapo"]["bench"]["rm-bench-avg"]["diff"] == pytest.approx(sum(diffs) / 2, abs=1e-9)
+    assert 1 <= amapo["mean_generated_tokens"] <= 5  # up to 4 new tokens, counted to and including EOS
+    report = (out / "report" / "sweep_report.md").read_text()
+    assert "| method | rm-bench-avg |" in report and "rm-bench-avg score (points)" in report

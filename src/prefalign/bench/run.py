@@ -41,8 +41,22 @@ def run_bench(benchmark: str, model: str, *, dataset: str | None = None, split: 
     return result
 
 
+def first_of_each(rows: list[dict], group: str, limit: int | None) -> list[dict]:
+    """The first `limit` rows of each subset/domain, in file order: a benchmark's score averages its parts, so
+    a cut over the whole file would score the first part alone under the benchmark's name."""
+    if limit is None:
+        return rows
+    kept: dict[str, int] = {}
+    out = []
+    for row in rows:
+        if kept.get(row[group], 0) < limit:
+            kept[row[group]] = kept.get(row[group], 0) + 1
+            out.append(row)
+    return out
+
+
 def _rewardbench(model, dataset, split, score, reference, limit, scoring) -> dict:
-    rows = load_rewardbench(dataset, split)[:limit]
+    rows = first_of_each(load_rewardbench(dataset, split), "subset", limit)
     scored = score_pairs_with_model(model, rows, score=score, reference=reference, **scoring)
     by_subset: dict[str, list[bool]] = {}
     for row, s in zip(rows, scored.scores):
@@ -53,11 +67,12 @@ def _rewardbench(model, dataset, split, score, reference, limit, scoring) -> dic
     return {"benchmark": "rewardbench", "model": model, "dataset": dataset or "allenai/reward-bench",
             "subsets": subsets, "sections": agg["sections"], "score": agg["score"],
             "missing_sections": agg["missing_sections"], "unknown_subsets": agg["unknown_subsets"],
-            "n_pairs": sum(v["n_pairs"] for v in subsets.values()), "skipped": scored.skipped, **scored.settings}
+            "n_pairs": sum(v["n_pairs"] for v in subsets.values()), "limit_per_subset": limit, "skipped": scored.skipped,
+            **scored.settings}
 
 
 def _rmbench(model, dataset, split, score, reference, limit, scoring) -> dict:
-    rows = load_rmbench(dataset, split)[:limit]
+    rows = first_of_each(load_rmbench(dataset, split), "domain", limit)
     # Each prompt's six responses are scored once, as three pairs (chosen_i, rejected_i).
     pairs = [{"prompt": r["prompt"], "chosen": r["chosen"][i], "rejected": r["rejected"][i]} for r in rows
              for i in range(3)]
@@ -79,7 +94,7 @@ def _rmbench(model, dataset, split, score, reference, limit, scoring) -> dict:
     return {"benchmark": "rm-bench", "model": model, "dataset": dataset or "THU-KEG/RM-Bench", "domains": domains,
             "easy": agg["easy"], "normal": agg["normal"], "hard": agg["hard"], "score": agg["score"],
             "matrices": {name: d["matrix"] for name, d in agg["domains"].items()},
-            "n_prompts": len(results), "skipped": skipped, **scored.settings}
+            "n_prompts": len(results), "limit_per_domain": limit, "skipped": skipped, **scored.settings}
 
 
 def format_result(result: dict) -> str:

@@ -21,7 +21,7 @@ def add_parser(sub) -> None:
     p.add_argument("--reference", default=None, help="reference model: score by the DPO implicit reward instead")
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--max-length", type=int, default=None, help="cut prompt+response to this many tokens (default: none)")
-    p.add_argument("--limit", type=int, default=None, help="the first N rows only")
+    p.add_argument("--limit", type=int, default=None, help="the first N rows of each subset (RewardBench) or domain (RM-Bench)")
     p.add_argument("--bf16", action="store_true", help="bf16 autocast")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16", "auto"])
     p.add_argument("--chat-template", default=None, help="chat template text or file for a tokenizer without one")

@@ -57,10 +57,10 @@ def summarize_sweep(sweep: Sweep, baseline: str | None = None) -> dict:
         misranked = _mean([_mean([v for _, v in run.misranked_share()]) for run in by_seed.values()])
         concentration = [_concentration(run) for run in by_seed.values()]
         lengths = _mean([_mean([g["n_tokens"] for g in run.generations]) for run in by_seed.values() if run.generations])
-        bench = {}
-        for run in by_seed.values():
+        bench: dict[str, dict[int, float]] = {}  # per benchmark, per seed: paired with the baseline by seed
+        for seed, run in by_seed.items():
             for name, res in run.bench.items():
-                bench.setdefault(name, []).append(res.get("score"))
+                bench.setdefault(name, {})[seed] = res.get("score")
         details[method] = {
             "accuracy_by_step": {str(s): _mean(v) for s, v in sorted(curves.items())},
             "train_ranking_accuracy": train_acc,
@@ -72,12 +72,16 @@ def summarize_sweep(sweep: Sweep, baseline: str | None = None) -> dict:
             "gradient_concentration_per_seed": concentration,
             "gradient_concentration": _mean(concentration),
             "mean_generated_tokens": lengths,
-            "bench": {k: _mean(v) for k, v in bench.items()},
+            "bench": {k: _mean(list(v.values())) for k, v in bench.items()},
+            "bench_per_seed": {k: [v.get(seed) for seed in stats["seeds"]] for k, v in bench.items()},
         }
     for method, paired in stats["paired"].items():
         for key, per_seed in (("gradient_concentration", "gradient_concentration_per_seed"),
                               ("train_minus_heldout", "train_minus_heldout_per_seed")):
             paired[key] = paired_seed_interval(details[method][per_seed], details[baseline][per_seed])
+        base_bench = details[baseline]["bench_per_seed"]
+        paired["bench"] = {name: paired_seed_interval(per_seed, base_bench[name])
+                           for name, per_seed in details[method]["bench_per_seed"].items() if name in base_bench}
     return {"methods": stats["methods"], "paired": stats["paired"], "baseline": baseline,
             "seeds": stats["seeds"], "n_pairs": stats["n_pairs"], "details": details}
 
@@ -140,15 +144,22 @@ def write_report(sweep: Sweep, summary: dict, out: Path) -> Path:
                 if q is None:
                     continue
                 scale = 100 if key == "train_minus_heldout" else 1
-                lines.append(f"  - {what}: {scale * q['diff']:+.2f} (95 % t-interval over {q['n_seeds']} seeds "
-                             f"{scale * q['ci'][0]:+.2f} to {scale * q['ci'][1]:+.2f}): "
-                             f"{'separated' if q['separated'] else 'not separated'}")
+                lines.append(_seed_line(what, q, scale))
+            for name, q in p.get("bench", {}).items():
+                if q is not None:  # over seeds on the benchmark's fixed prompts: training variation only
+                    lines.append(_seed_line(f"{name} score (points)", q, 100))
     if plot:
         lines += ["", f"![Held-out accuracy over steps]({plot})", "",
                   "*Held-out ranking accuracy during training, mean over seeds.*"]
     lines += ["", "Per-run plots and tables: [compare/report.md](compare/report.md)."]
     (out / REPORT_MD).write_text("\n".join(lines) + "\n", encoding="utf-8")
     return out / REPORT_MD
+
+
+def _seed_line(what: str, q: dict, scale: float) -> str:
+    return (f"  - {what}: {scale * q['diff']:+.2f} (95 % t-interval over {q['n_seeds']} seeds "
+            f"{scale * q['ci'][0]:+.2f} to {scale * q['ci'][1]:+.2f}): "
+            f"{'separated' if q['separated'] else 'not separated'}")
 
 
 def _plot_curves(summary: dict, out: Path) -> str | None:
