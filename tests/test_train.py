@@ -261,3 +261,28 @@ def test_resumed_run_reads_its_reference_from_the_run_folder(stories260k, hh_sma
                      str(out), *COMMON, "--max_steps", "3", "--resume_from_checkpoint", "latest", *flags])
     err = capsys.readouterr().err.strip().splitlines()
     assert code != 0 and err[-1].startswith("prefalign: error: resume: ") and "cannot be recomputed" in err[-1]
+
+
+@pytest.mark.parametrize("strategy", ["steps", "no"])
+def test_an_evaluation_at_the_last_step_is_the_final_one(strategy, stories260k, hh_small, tmp_path, monkeypatch,
+                                                         capsys):
+    """Evaluated at the last step, the model is scored once, not twice; the saved results are still what a fresh
+    scoring of the saved model gives, SPO's degree confusion included (without evaluations during training, the
+    final scoring is a fresh one)."""
+    from prefalign.training.trainer import PreferenceTrainer
+
+    calls = []
+    score = PreferenceTrainer.score
+    monkeypatch.setattr(PreferenceTrainer, "score", lambda self, *a, **k: calls.append(1) or score(self, *a, **k))
+    out = tmp_path / "run"
+    summary = train(_cfg(stories260k, hh_small, out, "--max_steps", "2", "--eval_dataset", str(hh_small),
+                         "--max_eval_samples", "6", "--eval_strategy", strategy, "--eval_steps", "2",
+                         "--loss_type", "amapo", "--use_spo", "true"))
+    assert len(calls) == 1
+    assert sum(map(sum, summary["eval"]["spo_confusion"])) > 0
+    capsys.readouterr()
+    assert cli_main(["eval", "--model", str(out), "--dataset", str(hh_small), "--json", "--limit", "6",
+                     "--per-pair", str(tmp_path / "pp.jsonl")]) == 0
+    fresh = [json.loads(x)["delta"] for x in (tmp_path / "pp.jsonl").read_text().splitlines()]
+    saved = [json.loads(x)["delta"] for x in (out / "eval_per_pair.jsonl").read_text().splitlines()]
+    assert saved == pytest.approx(fresh, abs=1e-5)

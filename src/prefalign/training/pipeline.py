@@ -193,12 +193,11 @@ def train(cfg: PreferenceConfig, *, evaluate_before: bool = False) -> dict:
     if trainer.is_world_process_zero():
         tokenizer.save_pretrained(str(out))
     if data.eval is not None:
-        records = trainer.score()
+        records, confusion = trainer.final_eval()
         ev = summarize(records)
-        if trainer.spo_head is not None:
-            confusion = trainer.spo_confusion(data.eval)
-            ev["spo_accuracy"] = float(confusion.trace() / confusion.sum().clamp(min=1))
-            ev["spo_confusion"] = confusion.tolist()  # rows: true degree, columns: predicted
+        if confusion is not None:
+            ev["spo_accuracy"] = sum(confusion[k][k] for k in range(len(confusion))) / max(1, sum(map(sum, confusion)))
+            ev["spo_confusion"] = confusion  # rows: true degree, columns: predicted
         summary["eval"] = ev
         if trainer.is_world_process_zero():
             write_json(out / EVAL_FILE, ev)

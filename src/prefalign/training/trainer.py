@@ -456,6 +456,7 @@ class PreferenceTrainer(CrashSafeCheckpointing, Trainer):
             if isinstance(v, int | float) and not isinstance(v, bool)
         }
         ds = eval_dataset if eval_dataset is not None else self.eval_dataset
+        self.last_spo_confusion = None
         if self.spo_head is not None and "spo_chosen_ids" in ds.column_names:
             confusion = self.spo_confusion(ds)
             metrics[f"{metric_key_prefix}_spo_accuracy"] = float(confusion.trace() / confusion.sum().clamp(min=1))
@@ -463,7 +464,22 @@ class PreferenceTrainer(CrashSafeCheckpointing, Trainer):
         self.log(metrics)
         self.control = self.callback_handler.on_evaluate(self.args, self.state, self.control, metrics)
         self.last_eval_records = records
+        # which model and set those records are of: the final scoring reuses them when nothing changed since
+        self._last_eval_at = (self.state.global_step, eval_dataset is None and not isinstance(datasets, dict))
         return metrics
+
+    def final_eval(self) -> tuple[list[dict], list | None]:
+        """The held-out per-pair records (and SPO degree confusion) of the trained model: the evaluation that ran
+        at the last step, when it scored the default eval set and the model was not replaced since (best-model
+        loading); otherwise a fresh scoring. Scoring the same model twice is a whole held-out pass wasted."""
+        step, default_set = getattr(self, "_last_eval_at", (None, False))
+        reusable = default_set and step == self.state.global_step and not self.args.load_best_model_at_end
+        records = self.last_eval_records if reusable else self.score()
+        if self.spo_head is None:
+            return records, None
+        if reusable and self.last_spo_confusion is not None:
+            return records, self.last_spo_confusion
+        return records, self.spo_confusion(self.eval_dataset).tolist()
 
     @torch.no_grad()
     def spo_confusion(self, dataset) -> torch.Tensor:
