@@ -11,7 +11,7 @@ from conftest import shared_path
 
 from prefalign.cli import main as cli_main
 from prefalign.sweep.spec import load_sweep
-from prefalign.sweep.stats import bootstrap, pairs_to_separate
+from prefalign.sweep.stats import bootstrap, budget_to_separate, variance_components
 
 
 def test_identical_methods_differ_by_exactly_zero():
@@ -47,9 +47,39 @@ def test_the_interval_covers_the_truth_about_95_percent_of_the_time():
     assert covered / trials >= 0.85
 
 
-def test_pairs_needed_scale_with_the_variance():
-    assert pairs_to_separate(0.02, 100) == int(np.ceil(100 * (0.02 / (0.02 / 2.8)) ** 2))
-    assert pairs_to_separate(0.0, 100) is None
+def test_seed_spread_alone_is_not_cured_by_more_pairs():
+    """Differences that vary only from seed to seed (-0.1, 0, +0.1 on every pair): more pairs cannot help, and
+    the seeds needed follow from the seed variance 0.01 in closed form."""
+    diff = np.repeat(np.array([[-0.1], [0.0], [0.1]]), 50, axis=1)
+    v = variance_components(diff)
+    assert v["seed"] == pytest.approx(0.01) and v["pair"] == pytest.approx(0.0) and v["noise"] == pytest.approx(0.0)
+    b = budget_to_separate(diff)
+    assert b["pairs_at_these_seeds"] is None
+    assert b["seeds_at_these_pairs"] == int(np.ceil(0.01 / (0.02 / 2.8) ** 2))
+
+
+def test_pair_spread_alone_is_not_cured_by_more_seeds():
+    """The same per-pair differences for every seed (a method better on some pairs, worse on others):
+    seed variance 0, and the pairs needed follow from the pair variance."""
+    rng = np.random.default_rng(0)
+    row = rng.choice([-1.0, 0.0, 1.0], size=200)
+    diff = np.tile(row, (3, 1))
+    v = variance_components(diff)
+    assert v["seed"] == pytest.approx(0.0) and v["noise"] == pytest.approx(0.0)
+    assert v["pair"] == pytest.approx(row.var(ddof=1))
+    b = budget_to_separate(diff)
+    assert b["pairs_at_these_seeds"] == int(np.ceil(row.var(ddof=1) / (0.02 / 2.8) ** 2))
+    assert b["seeds_at_these_pairs"] is None  # the pair part on 200 pairs already exceeds what power needs
+
+
+def test_variance_components_are_recovered_from_a_simulated_study():
+    rng = np.random.default_rng(2)
+    seeds, pairs = 40, 3000
+    diff = (rng.normal(0, 0.05, (seeds, 1)) + rng.normal(0, 0.2, (1, pairs)) + rng.normal(0, 0.4, (seeds, pairs)))
+    v = variance_components(diff)
+    assert np.sqrt(v["seed"]) == pytest.approx(0.05, rel=0.25)
+    assert np.sqrt(v["pair"]) == pytest.approx(0.2, rel=0.05)
+    assert np.sqrt(v["noise"]) == pytest.approx(0.4, rel=0.02)
 
 
 def _sweep_file(tmp_path, extra: str = "") -> str:

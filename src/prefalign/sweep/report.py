@@ -9,7 +9,7 @@ from pathlib import Path
 from ..errors import PrefalignError
 from ..run_files import EVAL_RANKING_ACCURACY, TRAIN_EVAL_FILE, read_json_object, write_json
 from .spec import Sweep
-from .stats import bootstrap, paired_seed_interval, pairs_to_separate
+from .stats import bootstrap, paired_seed_interval
 
 REPORT_MD = "sweep_report.md"
 RESULTS_JSON = "sweep_results.json"
@@ -41,8 +41,6 @@ def summarize_sweep(sweep: Sweep, baseline: str | None = None) -> dict:
     if baseline is not None and baseline not in got["correct"]:
         raise PrefalignError(f"baseline {baseline!r} is not one of the methods: {', '.join(got['correct'])}")
     stats = bootstrap(got["correct"], baseline=baseline)
-    for paired in stats["paired"].values():
-        paired["pairs_for_2_points"] = pairs_to_separate(paired["se"], stats["n_pairs"])
     details = {}
     for method, by_seed in got["runs"].items():
         curves: dict[int, list[float]] = {}
@@ -96,10 +94,23 @@ def _concentration(run) -> float | None:
 def sentence(name: str, baseline: str, p: dict, n_seeds: int, n_pairs: int) -> str:
     lo, hi = p["ci"]
     verdict = "separated" if p["separated"] else "not separated (the interval includes 0)"
-    need = p.get("pairs_for_2_points")
-    power = f"; about {need} held-out pairs would separate a 2-point difference at this variance" if need else ""
     return (f"{name} − {baseline}: {100 * p['diff']:+.1f} points (95 % CI {100 * lo:+.1f} to {100 * hi:+.1f}; "
-            f"{n_seeds} seed{'s' if n_seeds != 1 else ''} × {n_pairs} pairs, paired): {verdict}{power}.")
+            f"{n_seeds} seed{'s' if n_seeds != 1 else ''} × {n_pairs} pairs, paired): {verdict}; "
+            f"{power_phrase(p['to_separate_2_points'], n_seeds, n_pairs)}.")
+
+
+def power_phrase(b: dict, n_seeds: int, n_pairs: int) -> str:
+    """What would separate a 2-point difference at this variance: more held-out pairs, or more seeds."""
+    pairs = (f"about {b['pairs_at_these_seeds']:,} held-out pairs at {n_seeds} seeds" if b["pairs_at_these_seeds"]
+             else f"no number of held-out pairs at {n_seeds} seeds (the seed-to-seed spread alone is too large)")
+    seeds = (f"about {b['seeds_at_these_pairs']:,} seeds on {n_pairs} pairs" if b["seeds_at_these_pairs"]
+             else f"no number of seeds on {n_pairs} pairs (the held-out sample alone is too small)")
+    if not b["pairs_at_these_seeds"] and not b["seeds_at_these_pairs"] and b["seeds_at_10x_pairs"]:
+        seeds += f"; both must grow: about {b['seeds_at_10x_pairs']:,} seeds on {10 * n_pairs:,} pairs"
+    caveat = "" if b["seed_part_estimated"] else " (one seed: the seed-to-seed spread is unknown, taken as 0)"
+    sd = (f"sd of the difference per seed {100 * b['seed_sd']:.1f}, per pair {100 * b['pair_sd']:.1f}, "
+          f"residual {100 * b['noise_sd']:.1f} points")
+    return f"a 2-point difference would need {pairs}, or {seeds}{caveat} ({sd})"
 
 
 def write_report(sweep: Sweep, summary: dict, out: Path) -> Path:

@@ -61,17 +61,47 @@ def bootstrap(correct: dict[str, dict[int, list[bool]]], *, baseline: str | None
             lo, hi = np.round(np.percentile(diffs, [2.5, 97.5]), 12)
             out["paired"][m] = {"diff": float(mats[m].mean() - mats[baseline].mean()),
                                 "ci": [float(lo) + 0.0, float(hi) + 0.0],  # + 0.0: no "-0.0" in the report
-                                "se": float(diffs.std(ddof=1)), "separated": bool(lo > 0 or hi < 0)}
+                                "se": float(diffs.std(ddof=1)), "separated": bool(lo > 0 or hi < 0),
+                                "to_separate_2_points": budget_to_separate(mats[m] - mats[baseline])}
     return out
 
 
-def pairs_to_separate(se: float, n_pairs: int, difference: float = 0.02) -> int | None:
-    """Held-out pairs that would give a 95 % interval excluding 0 for a true `difference` with 80 % power,
-    if the standard error shrank as 1/√pairs (the seed part of the variance is ignored: a lower bound)."""
-    if se <= 0 or n_pairs <= 0:
-        return None
-    needed_se = difference / (1.96 + 0.84)
-    return int(np.ceil(n_pairs * (se / needed_se) ** 2))
+def variance_components(diff: np.ndarray) -> dict:
+    """Per-pair differences D[s, i] (method − baseline correctness, seeds × the same held-out pairs) as a
+    two-way random-effects model D = μ + a_s + p_i + e_si, by the usual ANOVA moments: the seed part a (training
+    randomness, shrinks only with more seeds), the pair part p (which held-out pairs were drawn; shared by all
+    seeds, shrinks only with more pairs) and the noise e (shrinks with either). With one seed the seed part
+    cannot be estimated and is taken as 0 (then every estimate below is optimistic)."""
+    n_seeds, n_pairs = diff.shape
+    grand = diff.mean()
+    by_seed, by_pair = diff.mean(axis=1), diff.mean(axis=0)
+    resid = diff - by_seed[:, None] - by_pair[None, :] + grand
+    df_res = max(1, (n_seeds - 1) * (n_pairs - 1))
+    ms_res = float((resid ** 2).sum() / df_res) if n_seeds > 1 else float(diff.var(ddof=1)) if n_pairs > 1 else 0.0
+    ms_seed = n_pairs * float(((by_seed - grand) ** 2).sum()) / (n_seeds - 1) if n_seeds > 1 else None
+    ms_pair = n_seeds * float(((by_pair - grand) ** 2).sum()) / (n_pairs - 1) if n_pairs > 1 and n_seeds > 1 else None
+    return {"seed": 0.0 if ms_seed is None else max(0.0, (ms_seed - ms_res) / n_pairs),
+            "pair": 0.0 if ms_pair is None else max(0.0, (ms_pair - ms_res) / n_seeds),
+            "noise": ms_res, "seed_estimated": ms_seed is not None}
+
+
+def budget_to_separate(diff: np.ndarray, difference: float = 0.02) -> dict:
+    """How many held-out pairs (at this many seeds) or seeds (on this many pairs) would give a 95 % interval
+    excluding 0 for a true `difference` with 80 % power, from the variance components of `diff`. None where no
+    number suffices: the seed part alone is too large at this many seeds (more pairs cannot help), or the pair
+    part alone on this held-out set (more seeds cannot help)."""
+    n_seeds, n_pairs = diff.shape
+    v = variance_components(diff)
+    target = (difference / (1.96 + 0.84)) ** 2  # the variance of the mean difference that power needs
+    room = target - v["seed"] / n_seeds
+    pairs = int(np.ceil((v["pair"] + v["noise"] / n_seeds) / room)) if room > 0 else None
+    room = target - v["pair"] / n_pairs
+    seeds = int(np.ceil((v["seed"] + v["noise"] / n_pairs) / room)) if room > 0 else None
+    room = target - v["pair"] / (10 * n_pairs)
+    seeds_10x = int(np.ceil((v["seed"] + v["noise"] / (10 * n_pairs)) / room)) if room > 0 else None
+    sd = {f"{k}_sd": float(np.sqrt(v[k])) for k in ("seed", "pair", "noise")}
+    return {"difference": difference, "pairs_at_these_seeds": pairs, "seeds_at_these_pairs": seeds,
+            "seeds_at_10x_pairs": seeds_10x, "seed_part_estimated": v["seed_estimated"], **sd}
 
 
 # Two-sided 97.5 % quantiles of Student's t (df 1-30); beyond that the normal's 1.96 is within 2 %.
