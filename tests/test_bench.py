@@ -97,7 +97,9 @@ def test_rm_bench_matrix_from_a_folder_of_domain_files(model_dir, naive, tmp_pat
     styles = [lambda t: t, lambda t: t + " It was a long and happy day.", lambda t: t + "\n\n**The end.**"]
     prompts = {"chat": PROMPTS[:3], "safety-refuse": PROMPTS[3:]}
     for domain, ps in prompts.items():
-        rows = [{"id": f"{domain}{i}", "subset": "x", "prompt": p,
+        # the official files differ in their extra columns (and ids are numbers): they must still join
+        extra = {"language": "python", "task_id": "t"} if domain == "chat" else {"error_key": "k", "error": "e"}
+        rows = [{"id": i, "subset": "x", "prompt": p, **extra,
                  "chosen": [f(GOOD[PROMPTS.index(p)]) for f in styles],
                  "rejected": [f(BAD[PROMPTS.index(p)]) for f in styles]} for i, p in enumerate(ps)]
         (folder / f"{domain}_filtered.json").write_text(json.dumps(rows))
@@ -214,3 +216,14 @@ def test_a_limit_keeps_the_first_rows_of_each_part_in_file_order():
     rows = [{"subset": s, "i": i} for i, s in enumerate("aaabbc")]
     assert [r["i"] for r in first_of_each(rows, "subset", 2)] == [0, 1, 3, 4, 5]
     assert first_of_each(rows, "subset", None) == rows
+
+
+def test_the_shared_rm_bench_folder_loads_as_one_benchmark():
+    """The official per-domain files (../shared/data/rm-bench) differ in their extra columns; all four load."""
+    from prefalign.bench.rmbench import load_rmbench
+
+    folder = shared_path("data", "rm-bench")
+    rows = load_rmbench(str(folder))
+    by_domain = {d: sum(r["domain"] == d for r in rows) for d in ("chat", "code", "safety")}
+    assert sum(by_domain.values()) == len(rows) and min(by_domain.values()) > 0
+    assert all(len(r["chosen"]) == len(r["rejected"]) == 3 for r in rows)

@@ -15,6 +15,8 @@ from pathlib import Path
 
 from ..errors import DataError
 
+COLUMNS = ("prompt", "chosen", "rejected", "domain")  # what is read; the files' other columns are dropped
+
 HUB_ID = "THU-KEG/RM-Bench"
 DOMAINS = ("chat", "math", "code", "safety")
 STYLES = ("concise", "detailed", "detailed-markdown")
@@ -31,13 +33,19 @@ def load_rmbench(source: str | None = None, split: str | None = None) -> list[di
     """Rows {id, prompt, chosen: [3], rejected: [3], domain} from the hub or local JSON/JSONL files. The domain
     is the row's `domain` column, else its file's name (`chat_filtered.json` → chat, as the per-domain files
     of the official repository are named)."""
+    from datasets import Value
+
     from ..data.sources import load_source, locate
 
     source = source or HUB_ID
     local = Path(source).expanduser().exists()
     def with_file_name(dataset, name):
-        names = [Path(name).name] * len(dataset)
-        return dataset if "domain" in dataset.column_names else dataset.add_column("domain", names)
+        # the official per-domain files carry different extra columns (code: language, task_id; chat: error):
+        # keep the benchmark's own, so that they can be joined
+        if "domain" not in dataset.column_names:
+            dataset = dataset.add_column("domain", [Path(name).name] * len(dataset))
+        dataset = dataset.select_columns([c for c in ("id", *COLUMNS) if c in dataset.column_names])
+        return dataset.cast_column("id", Value("string")) if "id" in dataset.column_names else dataset
 
     raw, parts = load_source(source, split=None if local else split, prepare=with_file_name)
     for column in ("prompt", "chosen", "rejected"):
