@@ -122,6 +122,12 @@ def test_the_smallest_sweep_runs_resumes_and_prints_its_json(tmp_path, capsys):
     captured = capsys.readouterr()
     assert json.loads(captured.out) == out
     assert captured.err.count("finished before, skipped") == 4
+    # a subset of the methods reports into its own folder, the whole sweep's report untouched
+    before = (tmp_path / "runs" / "sweep" / "report" / "sweep_report.md").read_text()
+    assert cli_main(["sweep", path, "--methods", "amapo,dpo", "--report-only", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out) == out
+    assert (tmp_path / "runs" / "sweep" / "report-only-dpo+amapo" / "sweep_report.md").is_file()
+    assert (tmp_path / "runs" / "sweep" / "report" / "sweep_report.md").read_text() == before
 
 
 def test_a_bad_sweep_file_is_one_line(tmp_path):
@@ -175,3 +181,14 @@ def test_a_sweep_with_bench_and_generate_reports_them_per_method_and_paired_by_s
     assert 1 <= amapo["mean_generated_tokens"] <= 5  # up to 4 new tokens, counted to and including EOS
     report = (out / "report" / "sweep_report.md").read_text()
     assert "| method | rm-bench-avg |" in report and "rm-bench-avg score (points)" in report
+
+
+def test_methods_selects_cells_and_refuses_unknown_names_or_a_missing_baseline(tmp_path, capsys):
+    path = _sweep_file(tmp_path)
+    assert cli_main(["sweep", path, "--methods", "dpo", "--dry-run"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert len(lines) == 2 and all(line.startswith("dpo/seed") for line in lines)
+    assert cli_main(["sweep", path, "--methods", "dpo,ipo", "--dry-run"]) != 0
+    assert "--methods: ipo not in sweep.yaml (its methods: dpo, amapo)" in capsys.readouterr().err
+    assert cli_main(["sweep", path, "--methods", "amapo", "--dry-run"]) != 0
+    assert "the baseline 'dpo' must be among them" in capsys.readouterr().err

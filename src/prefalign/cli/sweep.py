@@ -14,6 +14,9 @@ def add_parser(sub) -> None:
     p.add_argument("--dry-run", action="store_true", help="list the cells and their commands, run nothing")
     p.add_argument("--report-only", action="store_true", help="report on the finished cells, train nothing")
     p.add_argument("--baseline", default=None, help="compare against another method (report in report-vs-NAME/)")
+    p.add_argument("--methods", default=None, metavar="A,B,…",
+                   help="run and report only these methods (the baseline among them); the others' cells can be run "
+                   "later into the same folder (finished cells are skipped). Report in report-only-A+B…/")
     p.add_argument("--json", action="store_true",
                    help='print {"methods": {NAME: {mean, ci, n_seeds}}, "paired": {NAME: {diff, ci}}} at the end')
     p.set_defaults(func=run)
@@ -25,6 +28,9 @@ def run(args) -> int:
     from ..sweep.spec import load_sweep
 
     sweep = load_sweep(args.sweep_file)
+    if args.methods:
+        sweep = only_methods(sweep, [m.strip() for m in args.methods.split(",") if m.strip()],
+                             args.baseline or sweep.baseline)
     echo = (lambda m: print(m, file=sys.stderr)) if args.json else print
     if args.dry_run:
         for cell in sweep.cells:
@@ -37,6 +43,8 @@ def run(args) -> int:
 
     summary = summarize_sweep(sweep, args.baseline)
     folder = "report" if args.baseline in (None, sweep.baseline) else f"report-vs-{slug(args.baseline)}"
+    if args.methods:  # a subset's report never replaces the whole sweep's
+        folder += "-only-" + "+".join(slug(m) for m in sweep.methods)
     report = write_report(sweep, summary, sweep.output_dir / folder)
     if args.json:
         keep = ("mean", "ci", "n_seeds")
@@ -46,3 +54,19 @@ def run(args) -> int:
         print(report.read_text(encoding="utf-8"))
     echo(f"wrote {report}")
     return 0
+
+
+def only_methods(sweep, methods: list[str], baseline: str | None):
+    """The sweep restricted to `methods`, checked: each must be one of the file's, and the baseline among them."""
+    import dataclasses
+
+    from ..errors import ConfigError
+
+    unknown = [m for m in methods if m not in sweep.methods]
+    if unknown:
+        raise ConfigError(f"--methods: {', '.join(unknown)} not in {sweep.path.name} "
+                          f"(its methods: {', '.join(sweep.methods)})")
+    if baseline is not None and baseline not in methods:
+        raise ConfigError(f"--methods: the baseline {baseline!r} must be among them (or pass --baseline)")
+    return dataclasses.replace(sweep, methods=[m for m in sweep.methods if m in methods],
+                               cells=[c for c in sweep.cells if c.method in methods])
