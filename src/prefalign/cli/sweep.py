@@ -25,7 +25,7 @@ def add_parser(sub) -> None:
 def run(args) -> int:
     from ..sweep.report import summarize_sweep, write_report
     from ..sweep.runner import finished, run_cells
-    from ..sweep.spec import load_sweep
+    from ..sweep.spec import load_sweep, only_methods
 
     sweep = load_sweep(args.sweep_file)
     if args.methods:
@@ -55,18 +55,3 @@ def run(args) -> int:
     echo(f"wrote {report}")
     return 0
 
-
-def only_methods(sweep, methods: list[str], baseline: str | None):
-    """The sweep restricted to `methods`, checked: each must be one of the file's, and the baseline among them."""
-    import dataclasses
-
-    from ..errors import ConfigError
-
-    unknown = [m for m in methods if m not in sweep.methods]
-    if unknown:
-        raise ConfigError(f"--methods: {', '.join(unknown)} not in {sweep.path.name} "
-                          f"(its methods: {', '.join(sweep.methods)})")
-    if baseline is not None and baseline not in methods:
-        raise ConfigError(f"--methods: the baseline {baseline!r} must be among them (or pass --baseline)")
-    return dataclasses.replace(sweep, methods=[m for m in sweep.methods if m in methods],
-                               cells=[c for c in sweep.cells if c.method in methods])

@@ -19,6 +19,7 @@ the loss (and seed) varies, else by the cell's other varying keys (`dpo, learnin
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import re
 from dataclasses import dataclass, field
@@ -153,3 +154,15 @@ def load_sweep(path: str | Path) -> Sweep:
             cell.values.setdefault("eval_steps", int(every))
     return Sweep(path=path, output_dir=output_dir, cells=cells, baseline=baseline, methods=order, launcher=launcher,
                  bench=bench, generate=generate, train_eval_pairs=int(spec.get("train_eval_pairs", 200)))
+
+
+def only_methods(sweep: Sweep, methods: list[str], baseline: str | None) -> Sweep:
+    """The sweep restricted to `methods`, checked: each must be one of the file's, and the baseline among them."""
+    unknown = [m for m in methods if m not in sweep.methods]
+    if unknown:
+        raise ConfigError(f"--methods: {', '.join(unknown)} not in {sweep.path.name} "
+                          f"(its methods: {', '.join(sweep.methods)})")
+    if baseline is not None and baseline not in methods:
+        raise ConfigError(f"--methods: the baseline {baseline!r} must be among them (or pass --baseline)")
+    return dataclasses.replace(sweep, methods=[m for m in sweep.methods if m in methods],
+                               cells=[c for c in sweep.cells if c.method in methods])
