@@ -1,4 +1,5 @@
-"""What a model's own `*ForCausalLM.forward` does between its decoder and the logits, read from its source.
+"""What a model's own `*ForCausalLM.forward` does between its decoder and the logits: a first guess read from
+its source, confirmed by running the model.
 
 The fast path never asks the model for logits: it takes the decoder's final hidden state and applies the
 output head itself, only where a completion token is predicted. So it must repeat exactly what the model's
@@ -6,16 +7,21 @@ forward applies around the head. transformers' forwards do one of a few things t
 `*ForCausalLM`):
 
     logits = self.lm_head(hidden_states)                                    # most families
-    logits = logits / cap; logits = torch.tanh(logits); logits = logits * cap   # Gemma 2/3/3n/4: soft-capping
+    if cap is not None: logits = logits / cap; logits = torch.tanh(logits); logits = logits * cap   # Gemma 2/3/3n/4
     logits = logits * self.logit_scale                                      # Cohere, Cohere 2
     logits = logits / self.config.logits_scaling                            # Granite (and its MoE variants)
     logits = self.lm_head(hidden_states) * self.model.lm_head_multiplier   # Falcon-H1
     hidden_states = hidden_states / self.config.logits_scaling              # MiniCPM3 (before the head)
 
-`head_spec` reads the forward's source, recognises these statements (the numbers come from the live
-model, so a config without soft-capping gets none), and refuses a forward with any other statement about
-the hidden states or the logits in one line naming it. The start-up self-check (`selfcheck.py`) is the
-second net, for forwards whose source cannot be read.
+`head_spec` reads the forward's source and recognises these statements by their shape, not by attribute
+names: soft-capping is the divide / tanh / multiply sequence by one value, and a plain multiplication is a
+logit multiplier whether or not an `if X is not None:` guards it (a guarded value that is None is not
+applied). The numbers come from the live model, so a config without soft-capping gets none. Any other
+statement about the hidden states or the logits is refused in one line naming it.
+
+Reading source is only the first guess: a forward whose source cannot be read (or that hides a step in a
+helper) gets a plain head here. The verdict is the start-up head check (`selfcheck.check_head`), which
+compares this spec, applied to the hidden state of one real forward, with that same forward's own logits.
 """
 
 from __future__ import annotations
@@ -88,20 +94,24 @@ _NEUTRAL = [
     r"if hidden_states\.shape\[1\] == \(input_ids if input_ids is not None else inputs_embeds\)\.shape\[1\]:",
     r"(lm_)?logits = self\.lm_head\(hidden_states(\.to\((dtype=)?self\.lm_head\.weight\.dtype\))?\)(\.float\(\)|\.contiguous\(\))?",
     r"logits = logits\.(float\(\)|to\(torch\.float32\))",
-    r"logits = (torch|nn\.functional)\.tanh\(logits\)",
     r"unpadded_vocab_size = self\.config\.unpadded_vocab_size",
     r"if unpadded_vocab_size is not None and unpadded_vocab_size < logits\.shape\[-1\]:",
     r"logits = logits\[\.\.\., :unpadded_vocab_size\]",
     r"cap = self\.config\.logits_soft_cap",
 ]
-# Statements that transform: (pattern, field of HeadSpec, how the value is used).
+_GUARD = rf"if {_ATTR} is not None:"
+# Soft-capping is these three statements in a row, all by the same value (a lone tanh is not neutral).
+_SOFTCAP = (rf"logits = logits(?:\.float\(\))? / {_ATTR}", r"logits = (?:torch|nn\.functional)\.tanh\(logits\)",
+            rf"logits = logits \* {_ATTR}")
+# Single statements that transform: (pattern, kind); group 1 is the attribute path of the value.
 _TRANSFORMS = [
-    (rf"logits = logits(?:\.float\(\))? / {_ATTR}", "softcap_or_divide"),
-    (rf"logits = logits \* {_ATTR}", "softcap_or_multiply"),
+    (rf"logits = logits(?:\.float\(\))? / {_ATTR}", "divide"),
+    (rf"logits = logits \* {_ATTR}", "multiply"),
     (rf"logits = self\.lm_head\(hidden_states\) \* {_ATTR}", "multiply"),
     (rf"hidden_states = (?:outputs\.last_hidden_state|hidden_states) / {_ATTR}", "hidden_divide"),
-    (r"logits = nn\.functional\.tanh\(logits / cap\) \* cap", "capped_by_cap"),
+    (r"logits = nn\.functional\.tanh\(logits / cap\) \* (cap)", "softcap"),  # RecurrentGemma, after `cap = ...`
 ]
+_CAP_LOCAL = "self.config.logits_soft_cap"  # what `cap` holds in the last pattern
 
 
 def _resolve(model: torch.nn.Module, path: str):
@@ -135,49 +145,69 @@ def _head_statements(cls: type) -> list[str] | None:
     return out
 
 
+def _transform_at(statements: list[str], i: int) -> tuple[str, str, int] | None:
+    """(kind, attribute path of its value, statements used) of the transform starting at statement i."""
+    window = statements[i : i + 3]
+    cap = [re.fullmatch(p, s) for p, s in zip(_SOFTCAP, window, strict=False)]
+    if len(window) == 3 and all(cap) and cap[0].group(1) == cap[2].group(1):
+        return "softcap", cap[0].group(1), 3
+    for pattern, kind in _TRANSFORMS:
+        match = re.fullmatch(pattern, statements[i])
+        if match:
+            return kind, (_CAP_LOCAL if match.group(1) == "cap" else match.group(1)), 1
+    return None
+
+
 def head_spec(model: torch.nn.Module) -> HeadSpec:
     """The `HeadSpec` of `model` (wrappers looked through); PrefalignError for a forward it cannot follow."""
     inner = unwrap(model)
     cls = model_class(inner)
     statements = _head_statements(cls)
     if statements is None:
-        return HeadSpec()  # source unavailable: the start-up self-check compares against the model's logits
-    fields: dict[str, float] = {}
-    softcap_path = None
-    for stmt in statements:
+        return HeadSpec()  # source unavailable: the start-up head check compares against the model's logits
+
+    def refuse(stmt: str, why: str = "does not know this step between the model's decoder and its logits"):
+        return PrefalignError(f"{cls.__name__}: prefalign's log-prob path {why}: `{stmt}` (the model is refused "
+                              "rather than scored wrongly)")
+
+    fields: dict[str, float | None] = {}
+    guard = None  # the attribute an `if X is not None:` just tested: the next transform must be by X
+    i = 0
+    while i < len(statements):
+        stmt = statements[i]
         if any(re.fullmatch(p, stmt) for p in _NEUTRAL):
+            i += 1
             continue
-        guard = re.fullmatch(rf"if {_ATTR} is not None:", stmt)
-        if guard:
-            softcap_path = guard.group(1)  # the only guarded transform in transformers is soft-capping
+        tested = re.fullmatch(_GUARD, stmt)
+        if tested and guard is None:
+            guard = tested.group(1)
+            i += 1
             continue
-        for pattern, kind in _TRANSFORMS:
-            match = re.fullmatch(pattern, stmt)
-            if not match:
-                continue
-            if kind == "capped_by_cap":
-                fields["softcap"] = _resolve(inner, "self.config.logits_soft_cap")
-                break
-            path = match.group(1)
-            value = _resolve(inner, path)
-            is_cap = path == softcap_path or "softcap" in path or "soft_cap" in path
-            if is_cap:
-                fields["softcap"] = value
-            elif kind in ("softcap_or_divide",):
-                fields["logit_multiplier"] = None if value is None else 1.0 / value
-            elif kind in ("softcap_or_multiply", "multiply"):
-                fields["logit_multiplier"] = value
-            elif kind == "hidden_divide":
-                fields["hidden_divisor"] = value
-            break
-        else:
-            raise PrefalignError(
-                f"{cls.__name__}: prefalign's log-prob path does not know this step between the model's decoder "
-                f"and its logits: `{stmt}` (the model is refused rather than scored wrongly)"
-            )
+        found = _transform_at(statements, i)
+        if found is None:
+            raise refuse(stmt)
+        kind, path, used = found
+        if guard is not None and path != guard:
+            raise refuse(f"if {guard} is not None: {stmt}", "cannot follow a guard on one value around a step by another")
+        guard = None
+        value = _resolve(inner, path)  # None (a guarded value that is unset): the step is not applied
+        if value is not None and not isinstance(value, float):
+            raise PrefalignError(f"{cls.__name__}: cannot read {path} ({value!r}) for the log-prob path")
+        if value is None:
+            pass
+        elif kind == "softcap":
+            fields["softcap"] = value
+        elif kind == "hidden_divide":
+            fields["hidden_divisor"] = value
+        else:  # several scales compose
+            factor = value if kind == "multiply" else 1.0 / value
+            fields["logit_multiplier"] = factor * (fields.get("logit_multiplier") or 1.0)
+        i += used
+    if guard is not None:
+        raise refuse(f"if {guard} is not None:", "cannot follow a guard with no step after it")
     if any("unpadded_vocab_size" in s for s in statements):
-        fields["vocab_limit"] = getattr(inner.config, "unpadded_vocab_size", None)
-    for key, value in fields.items():
-        if value is not None and not isinstance(value, float | int):
-            raise PrefalignError(f"{cls.__name__}: cannot read {key} ({value!r}) for the log-prob path")
+        limit = getattr(inner.config, "unpadded_vocab_size", None)
+        if limit is not None and not isinstance(limit, int):
+            raise PrefalignError(f"{cls.__name__}: cannot read vocab_limit ({limit!r}) for the log-prob path")
+        fields["vocab_limit"] = limit
     return HeadSpec(**{k: (int(v) if k == "vocab_limit" else float(v)) for k, v in fields.items() if v is not None})

@@ -12,6 +12,7 @@ path is tested against, and that the start-up self-check compares with.
 
 from __future__ import annotations
 
+import contextlib
 import weakref
 from dataclasses import dataclass
 
@@ -52,17 +53,27 @@ def output_head(model: torch.nn.Module) -> torch.nn.Module:
     return head
 
 
-def final_hidden_states(model: torch.nn.Module, **inputs) -> torch.Tensor:
-    """[N, T, H] final (normed) hidden states of one forward of `model` — the wrapper is what runs, so DDP,
-    FSDP and gradient checkpointing behave as in any training step."""
+@contextlib.contextmanager
+def capturing_final_hidden(model: torch.nn.Module):
+    """Within the block, each forward of `model`'s decoder appends its final (normed) hidden state to the
+    yielded list (only that one, not every layer's)."""
     decoder = unwrap(model).get_decoder()
-    captured = []
+    captured: list[torch.Tensor] = []
 
     def keep(_module, _args, output):
         captured.append(output.last_hidden_state if hasattr(output, "last_hidden_state") else output[0])
 
     handle = decoder.register_forward_hook(keep)
     try:
+        yield captured
+    finally:
+        handle.remove()
+
+
+def final_hidden_states(model: torch.nn.Module, **inputs) -> torch.Tensor:
+    """[N, T, H] final (normed) hidden states of one forward of `model` — the wrapper is what runs, so DDP,
+    FSDP and gradient checkpointing behave as in any training step."""
+    with capturing_final_hidden(model) as captured:
         try:
             model(**inputs, use_cache=False, logits_to_keep=1)
         except TypeError as err:  # remote code without logits_to_keep: full logits, same hidden states
@@ -70,18 +81,22 @@ def final_hidden_states(model: torch.nn.Module, **inputs) -> torch.Tensor:
                 raise
             captured.clear()
             model(**inputs, use_cache=False)
-    finally:
-        handle.remove()
     if len(captured) != 1:
         raise PrefalignError(f"{type(unwrap(model)).__name__}: its decoder ran {len(captured)} times in one forward")
     return captured[0]
 
 
-def _token_logps(head: torch.nn.Module, spec: HeadSpec, hidden: torch.Tensor, targets: torch.Tensor,
-                 with_sum_sq: bool = False) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+def head_logits(head: torch.nn.Module, spec: HeadSpec, hidden: torch.Tensor) -> torch.Tensor:
+    """[..., V] fp32 logits the fast path gives final hidden states [..., H]: the one place its output head
+    and the model's post-processing are applied (scoring and the start-up head check both call it)."""
     if not torch.is_autocast_enabled(hidden.device.type):  # outside autocast the head wants its own dtype
         hidden = hidden.to(head.weight.dtype)
-    logits = spec.apply_to_logits(head(spec.apply_to_hidden(hidden)).float())
+    return spec.apply_to_logits(head(spec.apply_to_hidden(hidden)).float())
+
+
+def _token_logps(head: torch.nn.Module, spec: HeadSpec, hidden: torch.Tensor, targets: torch.Tensor,
+                 with_sum_sq: bool = False) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    logits = head_logits(head, spec, hidden)
     lse = torch.logsumexp(logits, dim=-1)
     logp = logits.gather(-1, targets[:, None]).squeeze(-1) - lse
     if not with_sum_sq:
