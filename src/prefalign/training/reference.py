@@ -8,8 +8,10 @@ first epoch's batches exactly) and the results are gathered, so every process ho
 
 The values are stored twice: in the run folder (`reference_logps/`, which is what a resumed run reads —
 its policy has trained weights by then, so they could not be recomputed) and in a cache shared by runs
-(`~/.cache/prefalign/ref_logps`), keyed by everything they depend on: model and weights, revision, dtype,
-attention implementation, batch layout, data, settings and the prefalign/transformers/torch versions.
+(`~/.cache/prefalign/ref_logps`), keyed by everything they depend on: model, weights and its whole config
+(a RoPE, soft-cap or sliding-window override changes the numbers, not the weights), revision, dtype, attention
+implementation, the device the pass runs on, fp32 matmul precision, batch layout, data, settings and the
+prefalign/transformers/torch versions.
 """
 
 from __future__ import annotations
@@ -62,19 +64,68 @@ def _versions() -> dict:
     return out
 
 
-def cache_key(model: torch.nn.Module, dataset, settings: dict, collator=None) -> str:
-    """Everything the cached numbers depend on: the model and its weights, attention implementation and
-    dtype, the data, the batch layout (packed or not), the settings and the library versions."""
+# Config entries left out of the config's hash: each is already in the key under its own name (the
+# folder "model", the "transformers" version), and neither changes a log-prob by itself.
+CONFIG_KEYS_KEPT_ELSEWHERE = ("_name_or_path", "transformers_version")
+
+
+def config_fingerprint(config) -> str | None:
+    """The model's whole config (every field a forward pass may read), hashed."""
+    if config is None:
+        return None
+    values = {k: v for k, v in config.to_dict().items() if k not in CONFIG_KEYS_KEPT_ELSEWHERE}
+    return hashlib.sha256(json.dumps(values, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def device_label(device: torch.device | str) -> str:
+    """The device type, and for a GPU its model: kernels (and so the last bits of a log-prob) differ by both."""
+    device = torch.device(device)
+    if device.type == "cuda" and torch.cuda.is_available():
+        return f"cuda {torch.cuda.get_device_name(device)}"
+    return device.type
+
+
+def data_identity(dataset) -> str:
+    """A `datasets.Dataset`'s fingerprint (it follows the source and every map, the tokenizer and chat
+    template included); for a dataset without one, a hash of its rows' token ids."""
+    fingerprint = getattr(dataset, "_fingerprint", None)
+    if fingerprint:
+        return fingerprint
+    h = hashlib.sha256()
+    for i in range(len(dataset)):
+        row = dataset[i]
+        h.update(json.dumps([row.get(c) for c in ("row_index", "prompt_input_ids", "chosen_input_ids",
+                                                  "rejected_input_ids")], default=str).encode())
+    return "rows:" + h.hexdigest()[:16]
+
+
+def _layout(collator) -> dict | None:
+    """The collator's class and its plain settings (pad id, whether unshared rows are kept)."""
+    if collator is None:
+        return None
+    plain = {k: v for k, v in vars(collator).items() if isinstance(v, (bool, int, float, str, type(None)))}
+    return {"class": type(collator).__name__, **plain}
+
+
+def cache_key(model: torch.nn.Module, dataset, settings: dict, collator=None, device=None) -> str:
+    """Everything the cached numbers depend on: the model, its weights and whole config, attention
+    implementation and dtype, the device (`device`, else where the model's parameters are) and fp32 matmul
+    precision, the data, the batch layout, the settings and the library versions."""
     inner = unwrap(model)
     config = getattr(inner, "config", None)
+    parameters = next(inner.parameters())
     parts = {
         "model": getattr(inner, "name_or_path", type(inner).__name__),
         "revision": getattr(config, "_commit_hash", None),
         "weights": weights_fingerprint(inner),
-        "dtype": str(next(inner.parameters()).dtype),
+        "config": config_fingerprint(config),
+        "dtype": str(parameters.dtype),
         "attn_implementation": getattr(config, "_attn_implementation", None),
-        "layout": type(collator).__name__ if collator is not None else None,
-        "data": getattr(dataset, "_fingerprint", None),
+        "device": device_label(device if device is not None else parameters.device),
+        # TF32 (precision "high") rounds fp32 matmuls on a GPU; set globally, e.g. by TrainingArguments.tf32
+        "fp32_matmul_precision": torch.get_float32_matmul_precision(),
+        "layout": _layout(collator),
+        "data": data_identity(dataset),
         "n": len(dataset),
         **_versions(),
         **settings,
@@ -167,7 +218,8 @@ def reference_table(model, loader, dataset, collator, *, split: str, output_dir,
     """The run folder's values for `split` when it has them; else the shared cache's; else computed now over
     `loader`. Written to both (by the main process). A resumed run must find them in its run folder."""
     own = run_folder_file(output_dir, split)
-    key = cache_key(model, dataset, settings, collator)
+    # the device the pass runs on: the accelerator's (the model may still be on the CPU before `prepare`)
+    key = cache_key(model, dataset, settings, collator, device=accelerator.device if accelerator else None)
     shared = (Path(cache_dir) if cache_dir else default_cache_dir()) / f"{key}.safetensors"
     have_own, have_shared = own.exists(), shared.exists()
     if accelerator is not None and accelerator.num_processes > 1:
