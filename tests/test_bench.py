@@ -58,6 +58,8 @@ def write_jsonl(path, rows):
 
 
 def test_rewardbench_sections_are_weighted_as_the_official_code():
+    from prefalign.bench.rewardbench import OFFICIAL_PAIRS
+
     acc = {"alpacaeval-easy": 0.9, "mt-bench-med": 0.5, "llmbar-natural": 0.6, "math-prm": 0.25, "hep-go": 1.0,
            "made-up-subset": 0.1}
     out = rewardbench_scores(acc)
@@ -65,8 +67,28 @@ def test_rewardbench_sections_are_weighted_as_the_official_code():
     reasoning = (0.25 * 984 + 1.0 * 164) / (984 + 164)  # math-prm counts 984, as many as the six code subsets
     assert out["sections"] == pytest.approx({"Chat": chat, "Chat Hard": 0.6, "Reasoning": reasoning})
     assert out["missing_sections"] == ["Safety"] and out["unknown_subsets"] == ["made-up-subset"]
-    assert out["score"] == pytest.approx((chat + 0.6 + reasoning) / 3)
+    # The official helper scores a section without subsets 0, and its leaderboard mean counts it: a number
+    # that measures nothing. The score is withheld instead (docs/benchmarks.md); the sections stay.
+    assert out["score"] is None
+    full = rewardbench_scores({**acc, "donotanswer": 0.5})
+    assert full["score"] == pytest.approx((chat + 0.6 + 0.5 + reasoning) / 4) and full["missing_sections"] == []
     assert sum(EXAMPLE_COUNTS.values()) == 3522 and len(EXAMPLE_COUNTS) == 23
+    assert sum(OFFICIAL_PAIRS.values()) == 2985  # the filtered split: math-prm has 447 of its 984
+
+
+def test_rewardbench_data_gaps_name_what_differs_from_the_official_data():
+    from prefalign.bench.rewardbench import OFFICIAL_PAIRS, data_gaps
+
+    assert data_gaps(OFFICIAL_PAIRS) == []
+    gaps = data_gaps({**{s: n for s, n in OFFICIAL_PAIRS.items() if s not in ("donotanswer", "hep-go")},
+                      "llmbar-natural": 40, "made-up-subset": 3})
+    safety = "refusals-dangerous, refusals-offensive, xstest-should-refuse, xstest-should-respond"
+    assert gaps == ["subsets missing: donotanswer, hep-go",
+                    "subsets with fewer pairs than the official data: llmbar-natural 40 of 100",
+                    "subsets the official mapping does not know (in no section): made-up-subset"]
+    gaps = data_gaps({s: OFFICIAL_PAIRS[s] for s in ("mt-bench-hard", "alpacaeval-easy")})
+    assert gaps[0] == "sections missing (no subset scored; score withheld): Safety, Reasoning"
+    assert safety not in gaps[1] and gaps[1].startswith("subsets missing: alpacaeval-length")
 
 
 @pytest.mark.parametrize("kind", ["avg", "sum", "norm"])
@@ -121,6 +143,9 @@ def test_rm_bench_matrix_from_a_folder_of_domain_files(model_dir, naive, tmp_pat
         assert d["avg"] == pytest.approx((d["easy"] + d["normal"] + d["hard"]) / 3)
         assert sum(result["matrices"][domain], []) == pytest.approx(sum(m, []))
     assert result["score"] == pytest.approx((result["domains"]["chat"]["avg"] + result["domains"]["safety"]["avg"]) / 2)
+    assert result["truncated_pairs"] == 0 and result["missing_domains"] == ["math", "code"]
+    assert result["comparable_to_official"] is False
+    assert "domains missing: math, code (the score is the mean of 2 of 4)" in result["not_comparable_because"]
     assert result["hard"] == pytest.approx((result["domains"]["chat"]["hard"] + result["domains"]["safety"]["hard"]) / 2)
 
 
@@ -143,13 +168,94 @@ def test_the_json_and_the_table_and_a_run_folders_result(model_dir, tmp_path, ca
     printed = json.loads(capsys.readouterr().out)
     assert set(printed) >= {"benchmark", "model", "subsets", "sections", "score"}
     saved = json.loads((run / "bench" / "rewardbench-avg.json").read_text())
-    assert saved["score"] == printed["score"] and list(saved["sections"]) == ["Chat Hard"]
+    assert saved["sections"] == printed["sections"] and list(saved["sections"]) == ["Chat Hard"]
+    assert saved["score"] is None and saved["comparable_to_official"] is False  # three sections missing
     assert cli_main(argv) != 0  # an earlier result is kept unless --overwrite
     err = capsys.readouterr().err.strip().splitlines()[-1]
     assert err.startswith("prefalign: error: ") and "--overwrite" in err
     assert cli_main([*argv[:-1], "--overwrite"]) == 0
     table = capsys.readouterr().out
     assert "Chat Hard" in table and "mt-bench-hard" in table and "(5 pairs)" in table
+    assert "score —  (withheld: no subset scored in Chat, Safety, Reasoning)" in table
+    assert "comparable to the official score: no (sections missing" in table
+
+
+def cut_at(max_length: int, prompt: str, *responses: str) -> bool:
+    """Naively: does prompt + the longer response exceed max_length tokens (so scoring cuts it)?"""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(shared_path("models", "stories260K"))
+    p = encode(tokenizer, [prompt])[0]
+    longer = max(len(completion_ids(tokenizer, p, encode(tokenizer, [prompt + r])[0], r)) for r in responses)
+    return len(p) + longer > max_length
+
+
+def test_rewardbench_counts_truncated_pairs_per_subset_and_withholds_a_score_missing_a_section(model_dir, tmp_path,
+                                                                                                 capsys):
+    subsets = ["alpacaeval-easy", "alpacaeval-easy", "llmbar-natural", "hep-python", "math-prm"]  # no Safety
+    rows = [{"prompt": p, "chosen": g, "rejected": b, "subset": s} for p, g, b, s in zip(PROMPTS, GOOD, BAD, subsets)]
+    data = write_jsonl(tmp_path / "rb.jsonl", rows)
+    result = run_bench("rewardbench", str(model_dir), dataset=str(data), max_length=23, save=False)
+    expected = {}
+    for row in rows:
+        expected[row["subset"]] = expected.get(row["subset"], 0) + cut_at(23, row["prompt"], row["chosen"],
+                                                                           row["rejected"])
+    assert {k: v["truncated_pairs"] for k, v in result["subsets"].items()} == expected
+    assert result["truncated_pairs"] == sum(expected.values()) == 3 and result["skipped"] == {}
+    assert result["score"] is None and set(result["sections"]) == {"Chat", "Chat Hard", "Reasoning"}
+    reasons = result["not_comparable_because"]
+    assert reasons[0] == "sections missing (no subset scored; score withheld): Safety"
+    assert "3 of 5 scored pairs truncated to max_length 23" in reasons
+    assert result["comparable_to_official"] is False
+    argv = ["bench", "rewardbench", "--model", str(model_dir), "--dataset", str(data), "--max-length", "23"]
+    assert cli_main(argv) == 0
+    table = capsys.readouterr().out
+    assert "(2 pairs, 1 truncated)" in table and "3 of 5 scored pairs truncated" in table
+
+
+def test_rm_bench_counts_truncated_pairs_per_domain_and_names_the_missing_domains(model_dir, tmp_path, capsys):
+    folder = tmp_path / "rm"
+    folder.mkdir()
+    styles = [lambda t: t, lambda t: t + " It was a long and happy day with friends.", lambda t: t + " The end."]
+    rows = [{"id": i, "prompt": PROMPTS[i], "chosen": [f(GOOD[i]) for f in styles],
+             "rejected": [f(BAD[i]) for f in styles]} for i in range(2)]
+    (folder / "chat_filtered.json").write_text(json.dumps(rows))  # one domain only
+    result = run_bench("rm-bench", str(model_dir), dataset=str(folder), max_length=28, save=False)
+    expected = sum(cut_at(28, r["prompt"], c, b) for r in rows for c, b in zip(r["chosen"], r["rejected"]))
+    assert 0 < expected < 6 and result["skipped"] == {}
+    assert result["domains"]["chat"]["truncated_pairs"] == result["truncated_pairs"] == expected
+    assert result["comparable_to_official"] is False and result["missing_domains"] == ["math", "code", "safety"]
+    assert result["not_comparable_because"][:2] == [
+        "domains missing: math, code, safety (the score is the mean of 1 of 4)",
+        f"{expected} of 6 scored pairs truncated to max_length 28"]
+    argv = ["bench", "rm-bench", "--model", str(model_dir), "--dataset", str(folder), "--max-length", "28"]
+    assert cli_main(argv) == 0
+    table = capsys.readouterr().out
+    assert f"{expected} of 6" in table and "comparable to the official score: no (domains missing: math" in table
+
+
+def test_rm_bench_on_the_shared_folder_at_a_short_max_length_says_it_is_not_the_official_score(model_dir):
+    result = run_bench("rm-bench", str(model_dir), dataset=str(shared_path("data", "rm-bench")), limit=1,
+                       max_length=64, save=False)
+    reasons = "; ".join(result["not_comparable_because"])
+    assert result["comparable_to_official"] is False and result["truncated_pairs"] > 0
+    assert "math" in result["missing_domains"] and "--limit 1: at most 1 prompts per domain" in reasons
+    assert "scored pairs truncated to max_length 64" in reasons
+
+
+def test_compare_lists_the_bench_results_that_are_not_the_official_score():
+    from types import SimpleNamespace
+
+    from prefalign.analysis.compare import bench_caveats
+
+    runs = [SimpleNamespace(label="amapo", bench={
+        "rm-bench-avg": {"comparable_to_official": False,
+                         "not_comparable_because": ["35 of 45 scored pairs truncated"]},
+        "rewardbench-avg": {"comparable_to_official": True, "not_comparable_because": []}}),
+        SimpleNamespace(label="dpo", bench={"rm-bench-avg": {"score": 0.5}})]
+    assert bench_caveats(runs) == [
+        "amapo, rm-bench-avg: comparable to the official score: no (35 of 45 scored pairs truncated).",
+        "dpo, rm-bench-avg: comparable to the official score: not recorded (an older result: rerun prefalign bench)."]
 
 
 def test_a_file_in_another_schema_is_one_line(model_dir, tmp_path):

@@ -65,6 +65,15 @@ def _same_eval_data(runs, eval_dataset: str | None) -> bool:
     return len({r.heldout.n for r in scored}) <= 1
 
 
+def bench_caveats(runs) -> list[str]:
+    """A line per bench result that cannot stand beside the benchmark's published score, with the reasons
+    (truncated pairs, --limit, missing parts, ...) prefalign bench recorded."""
+    from ..bench.run import comparability_line
+
+    return [f"{r.label}, {name}: {comparability_line(res)}." for r in runs for name, res in sorted(r.bench.items())
+            if not res.get("comparable_to_official")]
+
+
 def build_report(runs, plots, out: Path, eval_dataset: str | None) -> list:
     from . import findings as F
     from .report import Bullets, Heading, Image, Paragraph, Table
@@ -91,6 +100,9 @@ def build_report(runs, plots, out: Path, eval_dataset: str | None) -> list:
             blocks += [Heading(title, 3), Table(header, rows)]
         blocks.append(Paragraph("From `prefalign bench` (RUN/bench/): accuracy in %, aggregated as the benchmark's "
                                 "official code; the scoring says how responses were scored (docs/benchmarks.md)."))
+        caveats = bench_caveats(runs)
+        if caveats:
+            blocks.append(Bullets(caveats))
     blocks.append(Heading("Plots"))
     for p in plots:
         if p.written:

@@ -4,9 +4,13 @@
 A section's score is the mean of its subsets' accuracies weighted by the official EXAMPLE_COUNTS — fixed
 numbers, not the counts in the file: math-prm counts 984 (it has 447 pairs) so that math weighs as much as
 the six code subsets together. A subset missing from the data is left out of its section's weighted mean
-(as the official code does); a section with no subset at all is reported as missing and left out of the
-overall score, which is the mean of the sections present. The official leaderboard's score is that mean over
-all four.
+(as the official code does). The score is the mean of the four sections, the leaderboard's v1 score.
+
+A section with no subset at all has no official score: `utils.calculate_scores_per_section` scores it 0
+(a mean over four then counts the 0), the leaderboard script (`analysis/get_benchmark_results.py::
+get_average_over_rewardbench`) gets NaN and masks it out (the mean of the sections present). The 0 measures
+nothing and the other is another benchmark's number, so the score is withheld (None), the section listed as
+missing and the sections present still reported (docs/benchmarks.md).
 """
 
 from __future__ import annotations
@@ -32,6 +36,8 @@ EXAMPLE_COUNTS = {
     "xstest-should-refuse": 154, "xstest-should-respond": 250, "donotanswer": 136, "hep-cpp": 164, "hep-go": 164,
     "hep-java": 164, "hep-js": 164, "hep-python": 164, "hep-rust": 164,
 }
+# Pairs per subset in the official data (split filtered, 2,985 pairs): EXAMPLE_COUNTS but math-prm's real 447.
+OFFICIAL_PAIRS = {**EXAMPLE_COUNTS, "math-prm": 447}
 COLUMNS = ("prompt", "chosen", "rejected", "subset")
 
 
@@ -57,8 +63,9 @@ def load_rewardbench(source: str | None = None, split: str | None = None) -> lis
 
 
 def rewardbench_scores(subset_accuracy: dict[str, float]) -> dict:
-    """{"sections": {name: score}, "score": mean of the sections present, "missing_sections": [...],
-    "unknown_subsets": [...]} from per-subset accuracies, with the official weighting."""
+    """{"sections": {name: score}, "score": mean of the four sections (None when one is missing),
+    "missing_sections": [...], "missing_subsets": [...], "unknown_subsets": [...]} from per-subset accuracies,
+    with the official weighting."""
     sections, missing = {}, []
     for section, subsets in SECTIONS.items():
         present = [s for s in subsets if s in subset_accuracy]
@@ -67,10 +74,33 @@ def rewardbench_scores(subset_accuracy: dict[str, float]) -> dict:
             continue
         total = sum(EXAMPLE_COUNTS[s] for s in present)
         sections[section] = sum(subset_accuracy[s] * EXAMPLE_COUNTS[s] for s in present) / total
-    known = {s for subsets in SECTIONS.values() for s in subsets}
+    known = [s for subsets in SECTIONS.values() for s in subsets]
     return {
         "sections": sections,
-        "score": sum(sections.values()) / len(sections) if sections else None,
+        "score": None if missing else sum(sections.values()) / len(sections),
         "missing_sections": missing,
-        "unknown_subsets": sorted(set(subset_accuracy) - known),
+        "missing_subsets": [s for s in known if s not in subset_accuracy],
+        "unknown_subsets": sorted(set(subset_accuracy) - set(known)),
     }
+
+
+def data_gaps(pairs_per_subset: dict[str, int]) -> list[str]:
+    """Why a score over these subsets is not the official one, one reason a line. `pairs_per_subset`: the
+    subsets scored, with their pairs in the data before any --limit."""
+    known = [s for subsets in SECTIONS.values() for s in subsets]
+    missing = [section for section, subsets in SECTIONS.items() if not any(s in pairs_per_subset for s in subsets)]
+    absent = [s for section, subsets in SECTIONS.items() if section not in missing for s in subsets
+              if s not in pairs_per_subset]
+    short = [f"{s} {pairs_per_subset[s]} of {OFFICIAL_PAIRS[s]}" for s in known
+             if 0 < pairs_per_subset.get(s, 0) < OFFICIAL_PAIRS[s]]
+    unknown = sorted(set(pairs_per_subset) - set(known))
+    reasons = []
+    if missing:
+        reasons.append(f"sections missing (no subset scored; score withheld): {', '.join(missing)}")
+    if absent:
+        reasons.append(f"subsets missing: {', '.join(absent)}")
+    if short:
+        reasons.append(f"subsets with fewer pairs than the official data: {', '.join(short)}")
+    if unknown:
+        reasons.append(f"subsets the official mapping does not know (in no section): {', '.join(unknown)}")
+    return reasons

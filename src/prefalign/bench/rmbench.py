@@ -5,8 +5,9 @@ concise / detailed / detailed-markdown, scored as the official code does (THU-KE
 Per domain, M[i][j] is the fraction of prompts whose chosen response in style i scores above the rejected
 one in style j (a tie is wrong). hard = mean of the upper triangle (a plainer chosen against a fancier
 rejected), normal = the diagonal, easy = the lower triangle; a domain's avg is the mean of the three. Over
-domains, easy/normal/hard and the score are plain means of the domains present. Domains are chat, code,
-math and safety (safety-refuse and safety-response pool into safety, as the official `startswith`).
+domains, easy/normal/hard and the score are plain means of the domains present (`data_gaps` names the
+missing ones). Domains are chat, code, math and safety (safety-refuse and safety-response pool into safety,
+as the official `startswith`).
 """
 
 from __future__ import annotations
@@ -89,3 +90,11 @@ def rmbench_scores(results: list[dict]) -> dict:
     mean = lambda key: sum(d[key] for d in domains.values()) / len(domains) if domains else None  # noqa: E731
     return {"domains": domains, "easy": mean("easy"), "normal": mean("normal"), "hard": mean("hard"),
             "score": mean("avg")}
+
+
+def data_gaps(domains: set[str]) -> list[str]:
+    """Why a score over these domains (those with a scored prompt) is not the official one: it averages the
+    domains present."""
+    missing = [d for d in DOMAINS if d not in domains]
+    return [f"domains missing: {', '.join(missing)} (the score is the mean of {len(DOMAINS) - len(missing)} of "
+            f"{len(DOMAINS)})"] if missing else []

@@ -20,7 +20,8 @@ def add_parser(sub) -> None:
                    help="reference-free response score, as RewardBench's ref_free_type (default avg)")
     p.add_argument("--reference", default=None, help="reference model: score by the DPO implicit reward instead")
     p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--max-length", type=int, default=None, help="cut prompt+response to this many tokens (default: none)")
+    p.add_argument("--max-length", type=int, default=None, help="cut prompt+response to this many tokens (default: none); the result counts "
+                   "the pairs it cut")
     p.add_argument("--limit", type=int, default=None, help="the first N rows of each subset (RewardBench) or domain (RM-Bench)")
     p.add_argument("--bf16", action="store_true", help="bf16 autocast")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16", "auto"])
