@@ -17,10 +17,10 @@ import prefalign.evaluate
 from prefalign.analysis.compare import compare
 from prefalign.analysis.findings import TABLE_HEADER, table_row
 from prefalign.analysis.runs import assign_labels, load_run
-from prefalign.analysis.stats import wilson_interval
 from prefalign.cli import main
 from prefalign.errors import PrefalignError
 from prefalign.losses import compute_loss
+from prefalign.stats import wilson_interval
 
 PNG = b"\x89PNG\r\n\x1a\n"
 PLOTS = ["loss.png", "accuracy.png", "grad_allocation.png", "delta_distribution.png", "amapo_stats.png",
@@ -233,9 +233,9 @@ def test_compare_writes_report_html_and_plots(tmp_path, two_runs):
     assert "AMaPO batch statistics" in report and "- amapo: μ +0.020 at step 5 → +0.120 at step 40" in report
     assert "not written" not in report
 
-    # Overlapping Wilson intervals are called out.
+    # Two runs on the same pairs: the exact McNemar test on the pairs they rank differently, about the runs.
     sep = next(line for line in report.splitlines() if line.startswith("- amapo vs dpo:"))
-    assert "not separated at this sample size" in sep
+    assert "exact McNemar p = " in sep and "one run per method says nothing about the methods" in sep
 
     page = (out / "report.html").read_text(encoding="utf-8")
     refs = re.findall(r'(?:src|href)\s*=\s*"([^"]*)"', page)
@@ -258,8 +258,24 @@ def test_plot_without_data_is_not_written_and_report_says_why(tmp_path):
     report = (out / "report.md").read_text(encoding="utf-8")
     assert "`amapo_stats.png` not written: no run logged AMaPO's batch statistics" in report
     assert list(table_rows(report)) == ["dpo (seed1)", "dpo (seed2)"]
-    assert "the intervals do not overlap" in report
+    assert "not scored on the same pairs, so they cannot be compared pair by pair: no verdict" in report
     assert "not all evaluated on the same held-out set" in report  # 120 vs 400 pairs
+
+
+def test_two_runs_are_separated_by_mcnemar_where_wilson_intervals_overlap(tmp_path):
+    """160/200 vs 174/200 correct, the 14 discordant pairs all for the second run: overlapping Wilson
+    intervals, but p = 2·0.5^14 = 1.2e-4 on the pairs — the report says these two runs differ."""
+    runs = [make_run(tmp_path, name, "dpo", beta=0.1, shift=0.1, last_share=0.4, n_pairs=200, seed=i)
+            for i, name in enumerate(("a", "b"))]
+    for run, n_right in zip(runs, (160, 174)):
+        records = [{**r, "correct": r["index"] < n_right} for r in per_pair_records(200, 0.1, 0)]
+        write_jsonl(run / "eval_per_pair.jsonl", records)
+        write_json(run / "eval_results.json", {**summary_of(records), "ranking_accuracy": n_right / 200})
+    compare(runs, tmp_path / "cmp", labels=["a", "b"])
+    report = (tmp_path / "cmp" / "report.md").read_text(encoding="utf-8")
+    sep = next(line for line in report.splitlines() if line.startswith("- a vs b:"))
+    assert "of the 14 pairs they rank differently, 0 favour a and 14 b (exact McNemar p = 0.00012)" in sep
+    assert "these two runs differ (difference -0.070)" in sep
 
 
 def test_accuracy_legend_explains_only_the_lines_drawn(tmp_path, two_runs):

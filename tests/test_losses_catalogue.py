@@ -300,18 +300,20 @@ def test_beta_dpo_filter_keeps_its_share_draws_reproducibly_and_drops_outliers_m
 
 
 def test_beta_dpo_over_processes_uses_the_global_batch_and_its_own_slice():
-    pc, pr, rc, rr = (t64(c) for c in _inputs())
+    pc, pr, rc, rr = (t64(c)[:4] for c in _inputs())
     whole = compute_loss("beta_dpo", pc, pr, rc, rr, rho=0.4, seed=1)
     h = ((pc - pr) - (rc - rr)).detach()
+    gather = lambda t: h if t.is_floating_point() else torch.cat([t, t])  # noqa: E731  (2 processes of 2 pairs)
     parts = []
-    for start, end in ((0, 3), (3, 5)):
+    for start, end in ((0, 2), (2, 4)):
         part = compute_loss("beta_dpo", pc[start:end], pr[start:end], rc[start:end], rr[start:end], rho=0.4, seed=1,
-                            gather_fn=lambda t: h, local_offset=start)
+                            gather_fn=gather, local_offset=start)
         assert part.state["mean"].item() == pytest.approx(whole.state["mean"].item())
         parts.append(part.losses)
     # the same pairs are kept, with the same weights: the mean over both processes is the one-process loss
     torch.testing.assert_close(torch.cat(parts), whole.losses, rtol=0, atol=1e-12)
-    assert 0 < int((whole.losses != 0).sum()) == 3  # int(5 x 0.6) pairs kept
+    assert (torch.cat(parts[:1]).mean() + parts[1].mean()) / 2 == pytest.approx(whole.losses.mean().item())
+    assert 0 < int((whole.losses != 0).sum()) == 2  # int(4 x 0.6) pairs kept
 
 
 @pytest.mark.parametrize("name", sorted(LOSSES))
@@ -331,3 +333,14 @@ def test_pair_weights_scale_losses_and_gradient_weights():
     plain, weighted = compute_loss("dpo", *args), compute_loss("dpo", *args, pair_weights=w)
     close(weighted.losses, (plain.losses * w).tolist())
     close(weighted.grad_weights, (plain.grad_weights * w).tolist())
+
+
+def test_beta_dpo_refuses_processes_with_different_batch_sizes():
+    """Its weights mask·N/kept make DDP's mean of the processes' means the mean over kept pairs only when every
+    process holds as many pairs; a stand-in gather for two processes shows both cases."""
+    h_pc, zeros = t64([0.5, -0.2, 0.1]), t64([0.0] * 3)
+    equal = compute_loss("beta_dpo", h_pc, zeros, zeros, zeros, gather_fn=lambda t: torch.cat([t, t]), seed=0)
+    assert equal.losses.shape == (3,)
+    uneven = lambda t: torch.cat([t, t[:1] + 1]) if t.numel() == 1 else torch.cat([t, t[:1]])  # noqa: E731
+    with pytest.raises(ValueError, match=r"same number of pairs on every process .*got \[3, 4\]"):
+        compute_loss("beta_dpo", h_pc, zeros, zeros, zeros, gather_fn=uneven, seed=0)

@@ -19,7 +19,7 @@ import torch
 from conftest import shared_path
 from safetensors.torch import load_file
 
-from prefalign.run_files import read_metrics
+from prefalign.run_files import read_jsonl, read_metrics
 
 HERE = Path(__file__).resolve().parent
 TIMEOUT = 240
@@ -285,6 +285,13 @@ def test_two_processes_train_to_the_weights_of_one(training_runs, name):
     assert any(not torch.equal(one[k], start[k]) for k in one)  # the runs did train
     rows = [r for r in read_metrics(work / name / "two" / "metrics.jsonl") if "loss" in r]
     assert [r["step"] for r in rows] == [1, 2, 3]  # written once, by the main process
+    # The pairs each step trained on, gathered from both processes: the one-process run's, step by step.
+    trained = {k: [(r["step"], sorted(r["rows"])) for r in read_jsonl(work / name / k / "trained_pairs.jsonl")]
+               for k in ("two", "one")}
+    assert trained["two"] == trained["one"] and [s for s, _ in trained["two"]] == [1, 2, 3]
+    sizes = [len(rows) for _, rows in trained["two"]]  # 2 processes x 2 pairs; a dropped step trained on none
+    assert sizes == ([4, 4, 4] if name != "dpo_rank1_skipped" else [0 if s == 0 else 4 for s in sizes])
+    assert sizes.count(0) == (1 if name == "dpo_rank1_skipped" else 0)
     if "spo" in name:
         assert all("spo/loss" in r for r in rows)
     if name == "beta_dpo_wpo_ld":

@@ -26,7 +26,7 @@ from transformers.trainer_utils import get_last_checkpoint, sort_checkpoints
 
 from prefalign.config import PreferenceConfig, load_config
 from prefalign.errors import ConfigError, PrefalignError
-from prefalign.run_files import read_metrics
+from prefalign.run_files import read_jsonl, read_metrics
 from prefalign.training.checkpointing import STAGING_PREFIX, publish, remove_staging_leftovers
 from prefalign.training.pipeline import train
 
@@ -163,6 +163,9 @@ def test_sigkill_mid_run_then_resume_reaches_the_uninterrupted_result(hh8, tmp_p
     assert [r["loss"] for r in run_rows[-4:]] == [r["loss"] for r in ref_rows[-4:]]
     for out in (ref, run):
         assert json.loads((out / "train_summary.json").read_text())["global_step"] == 6
+    # The record of which pairs each step trained on: the killed run's steps 3+ replaced, not duplicated.
+    assert read_jsonl(run / "trained_pairs.jsonl") == read_jsonl(ref / "trained_pairs.jsonl")
+    assert [r["epoch"] for r in read_jsonl(ref / "trained_pairs.jsonl")] == [0, 0, 0, 0, 1, 1]  # 8 pairs, 2 a step
 
 
 @pytest.fixture(scope="module")

@@ -12,7 +12,7 @@ from conftest import shared_path
 from prefalign.cli import main as cli_main
 from prefalign.config import load_config
 from prefalign.losses import LOSSES
-from prefalign.run_files import read_metrics
+from prefalign.run_files import read_jsonl, read_metrics
 from prefalign.training.pipeline import train
 
 COMMON = [
@@ -113,6 +113,25 @@ def test_save_and_resume_continue_the_step_count(stories260k, hh_small, tmp_path
     assert summary["global_step"] == 6
     steps = [r["step"] for r in read_metrics(out / "metrics.jsonl") if "loss" in r]
     assert steps[-4:] == [3, 4, 5, 6]
+
+
+def test_the_run_records_the_pairs_each_step_trained_on(stories260k, hh_small, tmp_path):
+    """trained_pairs.jsonl: one line per optimizer step with every row of its micro-batches (2 pairs × 2
+    accumulated), shuffled by the seed — and a run with another seed trains on other pairs first."""
+    rows_of = {}
+    for seed in ("0", "1"):
+        out = tmp_path / f"seed{seed}"
+        train(_cfg(stories260k, hh_small, out, "--max_steps", "3", "--gradient_accumulation_steps", "2",
+                   "--learning_rate", "0", "--seed", seed))
+        lines = read_jsonl(out / "trained_pairs.jsonl")
+        assert [r["step"] for r in lines] == [1, 2, 3] and all(r["epoch"] == 0 for r in lines)
+        assert all(len(r["rows"]) == 4 for r in lines)
+        rows_of[seed] = [i for r in lines for i in r["rows"]]
+        assert len(set(rows_of[seed])) == 12 and all(0 <= i < 24 for i in rows_of[seed])  # one epoch: no repeats
+        from prefalign.run_files import trained_rows
+
+        assert trained_rows(out) == rows_of[seed]
+    assert rows_of["0"] != rows_of["1"]
 
 
 def test_eval_json_on_a_trained_run(stories260k, hh_small, tmp_path, capsys):

@@ -186,9 +186,11 @@ def evaluate_path(
     dtype=None,
     attn_implementation=None,
     prefix_sharing: bool | None = None,
+    rows=None,
 ) -> tuple[dict, list[dict]]:
     """Summary and per-pair records of `model` on `dataset` (one process, on the GPU when there is one).
-    Settings left as None come from `model`'s own prefalign_config.json when it is a run folder."""
+    Settings left as None come from `model`'s own prefalign_config.json when it is a run folder. `rows`: only
+    the pairs with these `row_index` values (e.g. the ones a run trained on), before `limit`."""
     import contextlib
 
     import torch
@@ -209,7 +211,11 @@ def evaluate_path(
         dataset, tokenizer=tokenizer, split=split, config_name=dataset_config, columns=st["columns"],
         data_format=st["data_format"], chat_template=st["chat_template"], winner_values=st["winner_values"],
     )
-    ds = pdata.dataset if limit is None else pdata.dataset.select(range(min(limit, len(pdata.dataset))))
+    ds = pdata.dataset
+    if rows is not None:
+        wanted = set(rows)
+        ds = ds.select([i for i, r in enumerate(ds["row_index"]) if r in wanted])
+    ds = ds if limit is None else ds.select(range(min(limit, len(ds))))
     tok, tok_skipped = tokenize_pairs(ds, tokenizer, max_length=st["max_length"], max_prompt_length=st["max_prompt_length"],
                                       truncation_mode=st["truncation_mode"])
     autocast = (lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if st["bf16"] else contextlib.nullcontext
@@ -244,8 +250,10 @@ def scoring_loader(policy, ref_model, tokenizer, tok, *, batch_size: int, device
     pad = usable_pad_id(policy, tokenizer)
     rows = [{k: tok[i][k] for k in ("prompt_input_ids", "chosen_input_ids", "rejected_input_ids", "row_index")}
             for i in range(min(2, len(tok)))]
-    for scored in (policy, ref_model) if ref_model is not None and rows else (policy,) if rows else ():
-        check_fast_path(scored, rows, pad, prefix_sharing=packed, autocast=autocast)
+    # the head check and the three-way check, for the reference model too (prefalign eval and bench both come here)
+    for scored, role in ((policy, None), (ref_model, "reference model")):
+        if scored is not None and rows:
+            check_fast_path(scored, rows, pad, prefix_sharing=packed, autocast=autocast, role=role)
     collator = PrefixSharedCollator(pad, keep_unshared=False) if packed else PairCollator(pad)
     order = longest_first(tok, packed=packed) if sort_by_length else range(len(tok))
     loader = DataLoader(tok, batch_size=batch_size, sampler=list(order),

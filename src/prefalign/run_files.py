@@ -15,7 +15,9 @@ writer (`training/`, `evaluate.py`) and the readers (`analysis/`, `cli/`) use, s
       reference_logps/          the run's reference log-probs         (REFERENCE_FOLDER; reference: precomputed)
       bench/BENCHMARK-SCORE.json  prefalign bench results of the model  (BENCH_FOLDER)
       generations.jsonl         prefalign generate's completions       (GENERATIONS_FILE)
-      eval_train.json           ranking accuracy on training pairs     (TRAIN_EVAL_FILE; prefalign sweep)
+      trained_pairs.jsonl       per optimizer step: the rows trained on (TRAINED_PAIRS_FILE)
+      eval_trained_pairs.json   ranking accuracy on the pairs trained on (TRAIN_EVAL_FILE; prefalign sweep)
+      eval_trained_pairs_per_pair.jsonl                                (TRAIN_EVAL_PER_PAIR_FILE)
       checkpoint-N/, model and tokenizer files (transformers'), spo_head.* (with SPO);
       in a checkpoint also loss_state.safetensors (α-DPO/β-DPO) and reference_model.safetensors (TR-DPO)
 
@@ -45,7 +47,11 @@ SUMMARY_FILE = "train_summary.json"
 REFERENCE_FOLDER = "reference_logps"
 BENCH_FOLDER = "bench"  # prefalign bench results of the run's model: bench/{benchmark}-{score}.json
 GENERATIONS_FILE = "generations.jsonl"
-TRAIN_EVAL_FILE = "eval_train.json"  # prefalign sweep: the final model's ranking accuracy on training pairs  # prefalign generate's completions of the run's model
+TRAINED_PAIRS_FILE = "trained_pairs.jsonl"  # {"step", "epoch", "rows": [row_index, ...]} per optimizer step
+# prefalign sweep: the final model's ranking accuracy on pairs it trained on (runs before 2026-12-04 have an
+# eval_train.json scored on the file's first rows instead, mostly never trained on: not read any more)
+TRAIN_EVAL_FILE = "eval_trained_pairs.json"
+TRAIN_EVAL_PER_PAIR_FILE = "eval_trained_pairs_per_pair.jsonl"
 LOSS_STATE_FILE = "loss_state.safetensors"  # in a checkpoint: stateful losses' running statistics
 SYNCED_REFERENCE_FILE = "reference_model.safetensors"  # in a checkpoint: the TR-DPO reference's weights
 INTERRUPTED_EXIT_CODE = 143  # 128 + SIGTERM, what a shell reports for a job stopped by SIGTERM
@@ -104,6 +110,19 @@ def read_metrics(path) -> list[dict]:
     """metrics.jsonl (a path to the file or to its run folder)."""
     path = Path(path)
     return read_jsonl(path / METRICS_FILE if path.is_dir() else path)
+
+
+def trained_rows(run_dir) -> list[int] | None:
+    """The dataset rows a run trained on, each once, in the order first trained; None for a run without the
+    record (written before trained_pairs.jsonl existed)."""
+    path = Path(run_dir) / TRAINED_PAIRS_FILE
+    if not path.is_file():
+        return None
+    seen: dict[int, None] = {}
+    for row in read_jsonl(path):
+        for index in row.get("rows", []):
+            seen.setdefault(int(index), None)
+    return list(seen)
 
 
 def write_json(path, obj) -> None:

@@ -5,9 +5,9 @@ from __future__ import annotations
 from itertools import combinations
 
 from ..run_files import EVAL_RANKING_ACCURACY
+from ..stats import finite, mcnemar, mean, quantile, wilson_interval
 from .report import DASH, duration, interval, num, signed
 from .runs import Run, uses_spo
-from .stats import finite, intervals_overlap, mean, quantile, wilson_interval
 
 
 # -- the table -------------------------------------------------------------------------------------------
@@ -224,24 +224,40 @@ def amapo_findings(runs: list[Run]) -> list[str]:
 
 
 def separation_findings(runs: list[Run], same_eval_data: bool) -> list[str]:
-    """Pairwise: do the 95% Wilson intervals of held-out accuracy overlap?"""
-    scored = [(r, heldout_ci(r)) for r in runs]
-    scored = [(r, ci) for r, ci in scored if ci is not None]
+    """Pairwise, on the same held-out pairs: the exact McNemar test on the pairs the two runs rank differently
+    (`prefalign.stats`). Two runs are two trained models: a difference here is between them, not between
+    their methods, which takes several seeds (`prefalign sweep`)."""
+    scored = [r for r in runs if r.heldout is not None and r.heldout.n]
     out = []
-    for (a, ca), (b, cb) in combinations(scored, 2):
+    for a, b in combinations(scored, 2):
         acc_a, acc_b = a.heldout.accuracy, b.heldout.accuracy
-        text = (f"{a.label} vs {b.label}: {num(acc_a)} {interval(ca)} vs {num(acc_b)} {interval(cb)} "
-                f"(n = {a.heldout.n} and {b.heldout.n}): ")
-        if intervals_overlap(ca, cb):
-            text += (f"the intervals overlap, so the accuracy difference ({signed(acc_a - acc_b)}) "
-                     "is not separated at this sample size.")
+        text = f"{a.label} vs {b.label}: {num(acc_a)} vs {num(acc_b)} (n = {a.heldout.n} and {b.heldout.n}): "
+        ca, cb = _correct_by_pair(a), _correct_by_pair(b)
+        if ca is None or cb is None or set(ca) != set(cb) or not same_eval_data:
+            why = ("no per-pair records (eval_per_pair.jsonl) for both" if ca is None or cb is None
+                   else "not scored on the same pairs")
+            out.append(text + f"{why}, so they cannot be compared pair by pair: no verdict.")
+            continue
+        keys = sorted(ca)
+        t = mcnemar([ca[k] for k in keys], [cb[k] for k in keys])
+        text += (f"of the {t['a_only'] + t['b_only']} pairs they rank differently, {t['a_only']} favour {a.label} and "
+                 f"{t['b_only']} {b.label} (exact McNemar p = {t['p_value']:.2g}): ")
+        if t["separated"]:
+            text += f"these two runs differ (difference {signed(acc_a - acc_b)})"
         else:
-            text += f"the intervals do not overlap; difference {signed(acc_a - acc_b)}."
-        out.append(text)
+            text += f"not separated at this sample size (difference {signed(acc_a - acc_b)})"
+        out.append(text + "; one run per method says nothing about the methods (`prefalign sweep` compares seeds).")
     if out and not same_eval_data:
         out.append("The runs were not all evaluated on the same held-out set (their eval datasets or pair counts "
                    "differ), so these accuracies are not directly comparable.")
     return out
+
+
+def _correct_by_pair(run: Run) -> dict | None:
+    records = run.heldout.records
+    if not records or any("index" not in r for r in records):
+        return None
+    return {r["index"]: bool(r.get("correct")) for r in records}
 
 
 # -- benchmarks and generations -----------------------------------------------------------------------------

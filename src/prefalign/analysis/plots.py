@@ -17,8 +17,8 @@ from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 
 from ..run_files import EVAL_RANKING_ACCURACY
+from ..stats import quantile, wilson_interval
 from .runs import Run
-from .stats import quantile, wilson_interval
 
 DPI = 130
 SIZE = (9.0, 4.8)

@@ -26,7 +26,7 @@ from ..run_files import (
     read_json_object,
     read_jsonl,
 )
-from .stats import finite
+from ..stats import finite
 
 
 @dataclass

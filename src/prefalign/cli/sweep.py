@@ -18,7 +18,7 @@ def add_parser(sub) -> None:
                    help="run and report only these methods (the baseline among them); the others' cells can be run "
                    "later into the same folder (finished cells are skipped). Report in report-only-A+B…/")
     p.add_argument("--json", action="store_true",
-                   help='print {"methods": {NAME: {mean, ci, n_seeds}}, "paired": {NAME: {diff, ci}}} at the end')
+                   help='print {"methods": {NAME: {mean, ci, n_seeds}}, "paired": {NAME: {diff, ci, verdict}}} at the end')
     p.set_defaults(func=run)
 
 
@@ -49,7 +49,8 @@ def run(args) -> int:
     if args.json:
         keep = ("mean", "ci", "n_seeds")
         print(json.dumps({"methods": {m: {k: v[k] for k in keep} for m, v in summary["methods"].items()},
-                          "paired": {m: {"diff": v["diff"], "ci": v["ci"]} for m, v in summary["paired"].items()}}))
+                          "paired": {m: {k: v[k] for k in ("diff", "ci", "verdict")}
+                                     for m, v in summary["paired"].items()}}))
     else:
         print(report.read_text(encoding="utf-8"))
     echo(f"wrote {report}")

@@ -68,7 +68,7 @@ def loss_hyperparameters() -> str:
 
 def summary_table(summary: dict) -> str:
     """The end of a run for a person: steps, time, loss, ranking accuracy with its 95 % interval, skips, files."""
-    from ..analysis.stats import wilson_interval
+    from ..stats import wilson_interval
 
     lines = ["", f"run: {summary['output_dir']}",
              f"  steps {summary['global_step']} in {summary['train_seconds']:.0f} s, mean training loss "

@@ -90,6 +90,11 @@ def beta_dpo(pc, pr, rc, rr, *, beta: float = 0.1, rho: float = 0.2, beta_dpo_a:
     if not (isinstance(beta_dpo_a, int | float) and math.isfinite(beta_dpo_a)):
         raise ValueError(f"beta_dpo_a must be a finite number, got {beta_dpo_a!r}")
     h = (pc - pr) - (rc - rr)
+    if gather_fn is not None:  # the weights below are right only if every process holds as many pairs
+        sizes = gather_fn(torch.tensor([h.shape[0]], device=h.device)).tolist()
+        if len(set(sizes)) > 1:
+            raise ValueError(f"beta_dpo: its global mean over kept pairs needs the same number of pairs on every "
+                             f"process (accelerate's even_batches, on by default); got {sizes}")
     everywhere = _gathered(h, gather_fn).double()
     new_state = ema_update(state, everywhere)
     mu, sd = new_state["mean"], new_state["std"]

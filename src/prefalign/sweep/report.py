@@ -1,5 +1,5 @@
 """A sweep's report: per method the held-out ranking accuracy over seeds with its interval, the paired
-difference against the baseline (`stats.py`), accuracy over steps, the train-vs-held-out gap, gradient
+difference against the baseline (`prefalign.stats`: intervals, verdicts and the power line), accuracy over steps, the train-vs-held-out gap, gradient
 allocation, generated lengths and bench results — and `prefalign compare` over every run for the rest."""
 
 from __future__ import annotations
@@ -8,8 +8,8 @@ from pathlib import Path
 
 from ..errors import PrefalignError
 from ..run_files import EVAL_RANKING_ACCURACY, TRAIN_EVAL_FILE, read_json_object, write_json
+from ..stats import MIN_SEEDS, compare_methods, seed_interval
 from .spec import Sweep
-from .stats import bootstrap, paired_seed_interval
 
 REPORT_MD = "sweep_report.md"
 RESULTS_JSON = "sweep_results.json"
@@ -40,15 +40,15 @@ def summarize_sweep(sweep: Sweep, baseline: str | None = None) -> dict:
     baseline = baseline or sweep.baseline
     if baseline is not None and baseline not in got["correct"]:
         raise PrefalignError(f"baseline {baseline!r} is not one of the methods: {', '.join(got['correct'])}")
-    stats = bootstrap(got["correct"], baseline=baseline)
+    stats = compare_methods(got["correct"], baseline=baseline)
     details = {}
     for method, by_seed in got["runs"].items():
+        by_seed = {seed: by_seed[seed] for seed in stats["seeds"]}  # the order of every per-seed list
         curves: dict[int, list[float]] = {}
         for run in by_seed.values():
             for step, acc in run.series(EVAL_RANKING_ACCURACY):
                 curves.setdefault(step, []).append(acc)
-        train_per_seed = [read_json_object(run.path / TRAIN_EVAL_FILE).get("ranking_accuracy")
-                          if (run.path / TRAIN_EVAL_FILE).is_file() else None for run in by_seed.values()]
+        train_per_seed = [_trained_pairs_accuracy(run.path) for run in by_seed.values()]
         train_acc = _mean(train_per_seed)
         heldout = stats["methods"][method]["per_seed"]
         gaps = [None if t is None else t - h for t, h in zip(train_per_seed, heldout)]
@@ -62,7 +62,7 @@ def summarize_sweep(sweep: Sweep, baseline: str | None = None) -> dict:
         details[method] = {
             "accuracy_by_step": {str(s): _mean(v) for s, v in sorted(curves.items())},
             "train_ranking_accuracy": train_acc,
-            "train_minus_heldout": None if train_acc is None else train_acc - stats["methods"][method]["mean"],
+            "train_minus_heldout": _mean(gaps),
             "train_minus_heldout_per_seed": gaps,
             "mean_share_misranked": misranked,
             # share of gradient weight on misranked pairs ÷ share of pairs misranked, per seed: > 1 means the
@@ -76,12 +76,19 @@ def summarize_sweep(sweep: Sweep, baseline: str | None = None) -> dict:
     for method, paired in stats["paired"].items():
         for key, per_seed in (("gradient_concentration", "gradient_concentration_per_seed"),
                               ("train_minus_heldout", "train_minus_heldout_per_seed")):
-            paired[key] = paired_seed_interval(details[method][per_seed], details[baseline][per_seed])
+            paired[key] = seed_interval(details[method][per_seed], details[baseline][per_seed])
         base_bench = details[baseline]["bench_per_seed"]
-        paired["bench"] = {name: paired_seed_interval(per_seed, base_bench[name])
+        paired["bench"] = {name: seed_interval(per_seed, base_bench[name])
                            for name, per_seed in details[method]["bench_per_seed"].items() if name in base_bench}
     return {"methods": stats["methods"], "paired": stats["paired"], "baseline": baseline,
             "seeds": stats["seeds"], "n_pairs": stats["n_pairs"], "details": details}
+
+
+def _trained_pairs_accuracy(run_dir) -> float | None:
+    """Ranking accuracy of the final model on the pairs it trained on; None where not measured so."""
+    path = run_dir / TRAIN_EVAL_FILE
+    summary = read_json_object(path) if path.is_file() else {}
+    return summary.get("ranking_accuracy") if summary.get("pairs") == "trained" else None
 
 
 def _concentration(run) -> float | None:
@@ -93,24 +100,29 @@ def _concentration(run) -> float | None:
 
 def sentence(name: str, baseline: str, p: dict, n_seeds: int, n_pairs: int) -> str:
     lo, hi = p["ci"]
-    verdict = "separated" if p["separated"] else "not separated (the interval includes 0)"
     return (f"{name} − {baseline}: {100 * p['diff']:+.1f} points (95 % CI {100 * lo:+.1f} to {100 * hi:+.1f}; "
-            f"{n_seeds} seed{'s' if n_seeds != 1 else ''} × {n_pairs} pairs, paired): {verdict}; "
-            f"{power_phrase(p['to_separate_2_points'], n_seeds, n_pairs)}.")
+            f"{n_seeds} seed{'s' if n_seeds != 1 else ''} × {n_pairs} pairs, paired, {p['interval']}): "
+            f"{p['verdict']}; {power_phrase(p['to_separate_2_points'], n_seeds, n_pairs)}.")
+
+
+def _range(r: dict, unit: str) -> str:
+    """'113 seeds (33 to 4,388 over the seed variance's 95 % interval)' from {low, estimate, high}; None (no
+    number suffices) reads 'no number of …' / 'none'."""
+    fmt = lambda v: "none" if v is None else f"{v:,}"  # noqa: E731
+    head = f"no number of {unit}" if r["estimate"] is None else f"{r['estimate']:,} {unit}"
+    return f"{head} ({fmt(r['low'])} to {fmt(r['high'])} over the seed variance's 95 % interval)"
 
 
 def power_phrase(b: dict, n_seeds: int, n_pairs: int) -> str:
-    """What would separate a 2-point difference at this variance: more held-out pairs, or more seeds."""
-    pairs = (f"about {b['pairs_at_these_seeds']:,} held-out pairs at {n_seeds} seeds" if b["pairs_at_these_seeds"]
-             else f"no number of held-out pairs at {n_seeds} seeds (the seed-to-seed spread alone is too large)")
-    seeds = (f"about {b['seeds_at_these_pairs']:,} seeds on {n_pairs} pairs" if b["seeds_at_these_pairs"]
-             else f"no number of seeds on {n_pairs} pairs (the held-out sample alone is too small)")
-    if not b["pairs_at_these_seeds"] and not b["seeds_at_these_pairs"] and b["seeds_at_10x_pairs"]:
-        seeds += f"; both must grow: about {b['seeds_at_10x_pairs']:,} seeds on {10 * n_pairs:,} pairs"
-    caveat = "" if b["seed_part_estimated"] else " (one seed: the seed-to-seed spread is unknown, taken as 0)"
+    """What would separate a 2-point difference at this variance: more seeds, or more held-out pairs — each a
+    range over the seed variance's 95 % interval, which has only n_seeds − 1 df."""
+    if not b["seed_part_estimated"]:
+        return ("a 2-point difference: not estimable with one seed (the seed-to-seed spread is unknown)"
+                f" (sd of the difference per pair {100 * b['pair_sd']:.1f}, residual {100 * b['res_sd']:.1f} points)")
     sd = (f"sd of the difference per seed {100 * b['seed_sd']:.1f}, per pair {100 * b['pair_sd']:.1f}, "
-          f"residual {100 * b['noise_sd']:.1f} points")
-    return f"a 2-point difference would need {pairs}, or {seeds}{caveat} ({sd})"
+          f"residual {100 * b['res_sd']:.1f} points")
+    return (f"a 2-point difference would need {_range(b['seeds_at_these_pairs'], 'seeds')} on {n_pairs} pairs, or "
+            f"{_range(b['pairs_at_these_seeds'], 'held-out pairs')} at {n_seeds} seeds ({sd})")
 
 
 def write_report(sweep: Sweep, summary: dict, out: Path) -> Path:
@@ -124,9 +136,9 @@ def write_report(sweep: Sweep, summary: dict, out: Path) -> Path:
     pct = lambda v: "—" if v is None else f"{100 * v:.1f}"  # noqa: E731
     lines = [f"# Sweep: {sweep.path.name}", "",
              f"{len(sweep.cells)} runs: {len(summary['methods'])} methods × seeds {summary['seeds']}; held-out "
-             f"ranking accuracy on the same {summary['n_pairs']} pairs. Intervals: two-level paired bootstrap over "
-             "seeds and pairs (docs/sweep.md). Train − held-out: ranking accuracy on training pairs minus held-out "
-             "(overfitting). Grad on misranked: mean share of the gradient weight on misranked training pairs; "
+             f"ranking accuracy on the same {summary['n_pairs']} pairs. Intervals: seeds × pairs random effects, each "
+             f"part at its own t (docs/sweep.md); below {MIN_SEEDS} seeds no verdict. Train − held-out: ranking accuracy on the pairs each run trained on "
+             "(trained_pairs.jsonl) minus held-out (overfitting). Grad on misranked: mean share of the gradient weight on misranked training pairs; "
              "concentration (per seed): that share ÷ the share of pairs misranked, averaged over logging windows "
              "(> 1: gradient concentrated on misranked pairs).", "",
              "| method | accuracy % | 95 % CI | per seed | train − held-out | grad on misranked | concentration |"
@@ -169,8 +181,7 @@ def write_report(sweep: Sweep, summary: dict, out: Path) -> Path:
 
 def _seed_line(what: str, q: dict, scale: float) -> str:
     return (f"  - {what}: {scale * q['diff']:+.2f} (95 % t-interval over {q['n_seeds']} seeds "
-            f"{scale * q['ci'][0]:+.2f} to {scale * q['ci'][1]:+.2f}): "
-            f"{'separated' if q['separated'] else 'not separated'}")
+            f"{scale * q['ci'][0]:+.2f} to {scale * q['ci'][1]:+.2f}): {q['verdict']}")
 
 
 def _plot_curves(summary: dict, out: Path) -> str | None:

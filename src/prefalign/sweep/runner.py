@@ -16,8 +16,11 @@ from ..run_files import (
     GENERATIONS_FILE,
     SUMMARY_FILE,
     TRAIN_EVAL_FILE,
+    TRAIN_EVAL_PER_PAIR_FILE,
+    TRAINED_PAIRS_FILE,
     bench_result_path,
     run_files_in,
+    trained_rows,
     write_json,
     write_jsonl,
 )
@@ -68,16 +71,24 @@ def run_cells(sweep: Sweep, *, echo=print) -> list[str]:
 
 
 def extras(sweep: Sweep, cell: Cell, echo) -> None:
-    """The final model's ranking accuracy on training pairs (the overfitting gap is measured on one metric),
-    bench and generate — each once (their files are kept in the run folder)."""
+    """The final model's ranking accuracy on the pairs it trained on (the overfitting gap is measured on one
+    metric and the right pairs), bench and generate — each once (their files are kept in the run folder)."""
     if not (cell.run_dir / TRAIN_EVAL_FILE).is_file() and cell.values.get("dataset"):
-        from ..evaluate import evaluate_path
+        trained = trained_rows(cell.run_dir)
+        if trained is None:
+            echo(f"    {cell.name}: no {TRAINED_PAIRS_FILE} (a run from before it was written): no train − held-out gap")
+        else:
+            from ..evaluate import evaluate_path
 
-        echo(f"    {cell.name}: ranking accuracy on {sweep.train_eval_pairs} training pairs")
-        summary, _ = evaluate_path(str(cell.run_dir), cell.values["dataset"], split=cell.values.get("dataset_split"),
-                                   dataset_config=cell.values.get("dataset_config"), limit=sweep.train_eval_pairs,
-                                   batch_size=cell.values.get("per_device_eval_batch_size", 8))
-        write_json(cell.run_dir / TRAIN_EVAL_FILE, summary)
+            chosen = trained[: sweep.train_eval_pairs]
+            echo(f"    {cell.name}: ranking accuracy on {len(chosen)} of the {len(trained)} pairs it trained on")
+            summary, records = evaluate_path(
+                str(cell.run_dir), cell.values["dataset"], split=cell.values.get("dataset_split"),
+                dataset_config=cell.values.get("dataset_config"), rows=chosen,
+                batch_size=cell.values.get("per_device_eval_batch_size", 8))
+            summary.update({"pairs": "trained", "n_trained_pairs": len(trained)})
+            write_jsonl(records, cell.run_dir / TRAIN_EVAL_PER_PAIR_FILE)
+            write_json(cell.run_dir / TRAIN_EVAL_FILE, summary)  # last: its presence means both are complete
     for spec in sweep.bench:
         score = spec.get("score", "avg")
         if bench_result_path(cell.run_dir, spec["benchmark"], score).is_file():

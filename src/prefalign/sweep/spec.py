@@ -7,7 +7,7 @@
     # optional
     methods: {simpo: {loss_type: simpo, beta: 2.0}, amapo+spo: {loss_type: amapo, use_spo: true}}
     eval_every: 5                  # held-out accuracy every k steps (default: max_steps // 5)
-    train_eval_pairs: 200          # the final model is also scored on this many training pairs (overfitting)
+    train_eval_pairs: 200          # the final model is also scored on up to this many of the pairs it trained on
     launcher: accelerate launch --num_processes 2    # what runs `-m prefalign.cli train CELL.yaml`
     bench: [{benchmark: rm-bench, dataset: ../shared/data/rm-bench, limit: 100}]
     generate: {dataset: ../shared/data/ultrafeedback/test_prefs_500.jsonl, limit: 50, max_new_tokens: 128}
@@ -63,7 +63,7 @@ class Sweep:
     launcher: list[str] = field(default_factory=list)
     bench: list[dict] = field(default_factory=list)
     generate: dict | None = None
-    train_eval_pairs: int = 200  # training pairs the final model is scored on (the overfitting gap)
+    train_eval_pairs: int = 200  # pairs it trained on (trained_pairs.jsonl) the final model is scored on: the gap
 
 
 def slug(text: str) -> str:

@@ -14,7 +14,7 @@ import torch
 from transformers import TrainerCallback
 
 from ..errors import PrefalignError
-from ..run_files import METRICS_FILE, append_jsonl, read_metrics, write_jsonl
+from ..run_files import METRICS_FILE, TRAINED_PAIRS_FILE, append_jsonl, read_jsonl, read_metrics, write_jsonl
 
 
 def _plain(v):
@@ -51,6 +51,38 @@ class MetricsFileCallback(TrainerCallback):
         append_jsonl(row, os.path.join(args.output_dir, METRICS_FILE))
 
 
+class TrainedPairsFile(TrainerCallback):
+    """OUTPUT_DIR/trained_pairs.jsonl: per optimizer step the dataset rows (`row_index`) it trained on, over all
+    processes — what the train − held-out gap and per-pair training records must be measured on (each seed
+    shuffles its own pairs, so "the first N rows of the file" are mostly pairs the run never saw)."""
+
+    def __init__(self, trainer):
+        self.trainer = trainer
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self.trainer._trained_rows.clear()
+        path = os.path.join(args.output_dir, TRAINED_PAIRS_FILE)
+        if state.is_world_process_zero and os.path.exists(path):  # resumed: the steps after the checkpoint rerun
+            rows = read_jsonl(path)
+            kept = [r for r in rows if r.get("step", 0) <= state.global_step]
+            if len(kept) < len(rows):
+                write_jsonl(kept, path + ".tmp")
+                os.replace(path + ".tmp", path)
+
+    def on_step_end(self, args, state, control, **kwargs):
+        rows = list(self.trainer._trained_rows)
+        self.trainer._trained_rows.clear()
+        if self.trainer.accelerator.num_processes > 1:  # every rank takes part, whatever its list holds
+            parts = [None] * self.trainer.accelerator.num_processes
+            torch.distributed.all_gather_object(parts, rows)
+            rows = [r for part in parts for r in part]
+        if state.is_world_process_zero:
+            epoch = max(0, math.ceil(state.epoch - 1e-9) - 1)  # state.epoch is fractional: k + the share done
+            os.makedirs(args.output_dir, exist_ok=True)
+            append_jsonl({"step": state.global_step, "epoch": epoch, "rows": rows},
+                         os.path.join(args.output_dir, TRAINED_PAIRS_FILE))
+
+
 class NonFiniteGradientGuard(TrainerCallback):
     """A NaN/inf gradient stops the run naming the step and rows, or (on_nonfinite=skip) drops the step.
 
@@ -85,6 +117,7 @@ class NonFiniteGradientGuard(TrainerCallback):
         if self.trainer.spo_head is not None:
             self.trainer.spo_head.zero_grad(set_to_none=True)
         self.trainer._skipped["nonfinite_grad_steps"] += 1 if args.process_index == 0 else 0
+        self.trainer._trained_rows.clear()  # the step is dropped: its pairs were not trained on
 
 
 class SPOHeadGradSync(TrainerCallback):

@@ -42,7 +42,14 @@ from ..run_files import (
     write_json,
 )
 from ..spo import SPOCollator, SPOHead, all_degree_packed, all_degree_rows, spo_loss
-from .callbacks import MetricsFileCallback, NonFiniteGradientGuard, ReferencePass, SPOEpoch, SPOHeadGradSync
+from .callbacks import (
+    MetricsFileCallback,
+    NonFiniteGradientGuard,
+    ReferencePass,
+    SPOEpoch,
+    SPOHeadGradSync,
+    TrainedPairsFile,
+)
 from .checkpointing import CrashSafeCheckpointing, SigtermCheckpoint
 from .collate import TrainingCollator, pad_cat
 from .console import Console
@@ -143,10 +150,12 @@ class PreferenceTrainer(CrashSafeCheckpointing, Trainer):
         self._alloc = {"train": [0.0, 0.0], "eval": [0.0, 0.0]}  # gradient weight on correct / all pairs
         self._skipped = defaultdict(int)
         self._rows_since_step: set[int] = set()
+        self._trained_rows: list[int] = []  # rows of this optimizer step, in order (TrainedPairsFile writes them)
         for default in (ProgressCallback, PrinterCallback):  # short lines instead of the logs dict
             self.remove_callback(default)
         self.add_callback(Console())
         self.add_callback(MetricsFileCallback())
+        self.add_callback(TrainedPairsFile(self))
         self.add_callback(NonFiniteGradientGuard(self))
         self.add_callback(SigtermCheckpoint())
         self.self_check = self._self_check()
@@ -174,8 +183,15 @@ class PreferenceTrainer(CrashSafeCheckpointing, Trainer):
         if self.train_dataset is None or len(self.train_dataset) == 0:
             return None
         rows = [{k: self.train_dataset[i][k] for k in TOKENIZED_COLUMNS} for i in range(min(2, len(self.train_dataset)))]
-        return check_fast_path(self.model, rows, self.data_collator.collator.pad_token_id,
-                               prefix_sharing=self.args.prefix_sharing, autocast=self.autocast_smart_context_manager)
+        pad = self.data_collator.collator.pad_token_id
+        result = check_fast_path(self.model, rows, pad, prefix_sharing=self.args.prefix_sharing,
+                                 autocast=self.autocast_smart_context_manager)
+        unwrapped = self.accelerator.unwrap_model
+        if self.ref_model is not None and unwrapped(self.ref_model) is not unwrapped(self.model):
+            # the reference is scored by the same fast path (live, or once for the precomputed table)
+            check_fast_path(self.ref_model, rows, pad, prefix_sharing=self._ref_packed,
+                            autocast=self.autocast_smart_context_manager, role="reference model")
+        return result
 
     def _check_setup(self) -> None:
         if self.args.needs_scores and self.train_dataset is not None and "score_chosen" not in self.train_dataset.column_names:
@@ -386,6 +402,7 @@ class PreferenceTrainer(CrashSafeCheckpointing, Trainer):
             return (loss, out) if return_outputs else loss
         if mode == "train":
             self._rows_since_step.update(rows)
+            self._trained_rows.extend(rows)
         store = self._metrics[mode]
         for k, v in {**out.metrics, **extra}.items():
             if not k.startswith("grad/"):
