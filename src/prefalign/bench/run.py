@@ -62,43 +62,6 @@ def first_of_each(rows: list[dict], group: str, limit: int | None) -> list[dict]
     return out
 
 
-def truncated_pairs(model: str, pairs: list[dict], *, max_length: int | None = None, chat_template: str | None = None,
-                    trust_remote_code: bool = False) -> list[bool]:
-    """Per pair: did its prompt or a response lose tokens to max_length? Rendered and tokenized as
-    `score_pairs_with_model` renders them (this mirrors its few lines), then cut by the rule scoring applies
-    (`truncate_pair`), lengths compared. A pair the data layer drops is False (it is under `skipped`)."""
-    if max_length is None:
-        return [False] * len(pairs)
-    from datasets import Dataset
-
-    from ..data import load_preference_data, tokenize_pairs
-    from ..data.tokenize import truncate_pair
-    from ..models import load_tokenizer
-
-    tokenizer = load_tokenizer(model, trust_remote_code=trust_remote_code)
-    chat = bool(chat_template or getattr(tokenizer, "chat_template", None))
-    if chat:
-        rows = [{"prompt": [{"role": "user", "content": p["prompt"]}],
-                 "chosen": [{"role": "assistant", "content": p["chosen"]}],
-                 "rejected": [{"role": "assistant", "content": p["rejected"]}]} for p in pairs]
-    else:
-        rows = [{"prompt": p["prompt"], "chosen": p["chosen"], "rejected": p["rejected"]} for p in pairs]
-    data = load_preference_data(Dataset.from_list(rows), tokenizer=tokenizer, chat_template=chat_template,
-                                data_format="conversational" if chat else "explicit")
-    whole, _ = tokenize_pairs(data.dataset, tokenizer, max_length=None, max_prompt_length=None)
-    cut = [False] * len(pairs)
-    for row in whole:
-        ids = [row[f"{part}_input_ids"] for part in ("prompt", "chosen", "rejected")]
-        kept = truncate_pair(*ids, max_length, None, "keep_end", bos=tokenizer.bos_token_id)[:3]
-        cut[row["row_index"]] = [len(k) for k in kept] != [len(i) for i in ids]
-    return cut
-
-
-def _rendering(scoring: dict) -> dict:
-    """The scoring options that decide which tokens a pair keeps."""
-    return {k: scoring[k] for k in ("max_length", "chat_template", "trust_remote_code") if k in scoring}
-
-
 def scoring_gaps(settings: dict, truncated: int, scored: int, skipped: dict, limit_cut: str | None) -> list[str]:
     """Departures from the official procedure that come from how this run scored, not from the data."""
     reasons = []
@@ -121,7 +84,7 @@ def _rewardbench(model, dataset, split, score, reference, limit, scoring) -> dic
     every_row = load_rewardbench(dataset, split)
     rows = first_of_each(every_row, "subset", limit)
     scored = score_pairs_with_model(model, rows, score=score, reference=reference, **scoring)
-    cut = truncated_pairs(model, rows, **_rendering(scoring))
+    cut = scored.truncated
     by_subset: dict[str, list[tuple[bool, bool]]] = {}
     for row, s, was_cut in zip(rows, scored.scores, cut):
         if s is not None:  # a tie is wrong, as the official code
@@ -150,7 +113,7 @@ def _rmbench(model, dataset, split, score, reference, limit, scoring) -> dict:
     pairs = [{"prompt": r["prompt"], "chosen": r["chosen"][i], "rejected": r["rejected"][i]} for r in rows
              for i in range(3)]
     scored = score_pairs_with_model(model, pairs, score=score, reference=reference, **scoring)
-    cut = truncated_pairs(model, pairs, **_rendering(scoring))
+    cut = scored.truncated
     results, incomplete, truncated = [], 0, {}
     for k, row in enumerate(rows):
         triple = scored.scores[3 * k : 3 * k + 3]

@@ -21,6 +21,7 @@ class ScoredPairs:
     scores: list[tuple[float, float] | None]  # per input pair: (chosen score, rejected score), None if skipped
     skipped: dict[str, int] = field(default_factory=dict)
     settings: dict = field(default_factory=dict)
+    truncated: list[bool] = field(default_factory=list)  # per input pair: a part lost tokens to max_length
 
 
 def score_pairs_with_model(model: str, pairs: list[dict], *, score: str = "avg", reference: str | None = None,
@@ -53,6 +54,7 @@ def score_pairs_with_model(model: str, pairs: list[dict], *, score: str = "avg",
     data = load_preference_data(Dataset.from_list(rows), tokenizer=tokenizer, chat_template=chat_template,
                                 data_format="conversational" if chat else "explicit")
     tok, tok_skipped = tokenize_pairs(data.dataset, tokenizer, max_length=max_length, max_prompt_length=None)
+    truncated = _truncated(tok, data.dataset, tokenizer, len(pairs)) if max_length is not None else [False] * len(pairs)
     autocast = (lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if bf16 else contextlib.nullcontext
     loader, ref_fn = scoring_loader(policy, ref_model, tokenizer, tok, batch_size=batch_size, device=device,
                                     prefix_sharing=prefix_sharing, autocast=autocast)
@@ -70,4 +72,19 @@ def score_pairs_with_model(model: str, pairs: list[dict], *, score: str = "avg",
         skipped[k] = skipped.get(k, 0) + v
     settings = {"scoring": "reference" if reference else score, "reference": reference, "chat_template": chat,
                 "max_length": max_length, "bf16": bf16, "dtype": dtype}
-    return ScoredPairs(scores=scores, skipped=skipped, settings=settings)
+    return ScoredPairs(scores=scores, skipped=skipped, settings=settings, truncated=truncated)
+
+
+def _truncated(tok, dataset, tokenizer, n: int) -> list[bool]:
+    """Per pair: are its scored tokens fewer than the whole pair's (the same rendering, no max_length)? A pair
+    the cut dropped altogether is False here: it is counted under `skipped`."""
+    from ..data import tokenize_pairs
+
+    parts = ("prompt_input_ids", "chosen_input_ids", "rejected_input_ids")
+    kept = {row["row_index"]: [len(row[p]) for p in parts] for row in tok}
+    whole, _ = tokenize_pairs(dataset, tokenizer, max_length=None, max_prompt_length=None)
+    out = [False] * n
+    for row in whole:
+        lengths = kept.get(row["row_index"])
+        out[row["row_index"]] = lengths is not None and lengths != [len(row[p]) for p in parts]
+    return out
