@@ -17,7 +17,9 @@ from prefalign.training.reference import cache_key
 ROWS = [{"row_index": i, "prompt_input_ids": [1, 5 + i, 7], "chosen_input_ids": [9, 2], "rejected_input_ids": [11, 2]}
         for i in range(4)]
 SETTINGS = {"max_length": 96, "max_prompt_length": 48, "truncation": "keep_end", "bf16": False, "fp16": False,
-            "packed": True, "seed": 0, "processes": 1, "ld_alpha": None, "batch": [2, 4]}
+            "packed": True, "seed": 0, "processes": 1, "ld_alpha": None, "batch": [2, 4],
+            "data_seed": None, "train_sampling_strategy": "random", "group_by_length": None,
+            "dataloader_drop_last": False, "torch_compile": False}
 
 
 def tiny_gemma2():

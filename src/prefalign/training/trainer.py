@@ -236,7 +236,11 @@ class PreferenceTrainer(CrashSafeCheckpointing, Trainer):
         settings = {"max_length": a.max_length, "max_prompt_length": a.max_prompt_length, "truncation": a.truncation_mode,
                     "bf16": a.bf16, "fp16": a.fp16, "packed": packed, "seed": a.seed, "processes": a.world_size,
                     "ld_alpha": a.ld_alpha,
-                    "batch": [a.per_device_train_batch_size, a.per_device_eval_batch_size]}
+                    "batch": [a.per_device_train_batch_size, a.per_device_eval_batch_size],
+                    # which pairs share a batch (padding, so low-precision values) and the compiled kernels;
+                    # getattr: transformers 4.x names the sampling option group_by_length
+                    **{k: getattr(a, k, None) for k in ("data_seed", "train_sampling_strategy", "group_by_length",
+                                                         "dataloader_drop_last", "torch_compile")}}
         kw = dict(output_dir=a.output_dir, settings=settings, accelerator=self.accelerator, packed=packed,
                   autocast=self.autocast_smart_context_manager, cache_dir=a.ref_cache_dir, resuming=resuming,
                   is_main=self.is_world_process_zero())
