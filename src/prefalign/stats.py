@@ -13,7 +13,7 @@ Three questions, three procedures, each chosen for the design the data actually 
   x[s, i] = μ + a_s + p_i + e_si. The variance of the grand mean, σ²_a/S + σ²_p/P + σ²_e/(SP), is estimated
   by the ANOVA mean squares: a seed part MS_seed/(SP) with S − 1 df and a pair part (MS_pair − MS_res)/(SP)
   with P − 1 df, each taken at its own t critical value (t = 4.30 at three seeds, not 1.96). A percentile
-  bootstrap over 3 seeds claimed "separated" in 14–20 % of null studies at 5 % nominal. `null_coverage`
+  bootstrap over 3 seeds claimed "separated" in 13.7–19.7 % of null studies at 5 % nominal. `null_coverage`
   simulates studies of two equally good methods and counts how often the interval holds the true difference
   0 (`experiments/stats_coverage.py` prints the table in docs/sweep.md; tests/test_stats.py asserts ≥ 94 %
   at 3, 5 and 10 seeds with a large seed spread).
