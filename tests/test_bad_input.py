@@ -273,7 +273,7 @@ DEGENERATE = [
 def test_degenerate_rows_are_counted_and_skipped(cli, tmp_path):
     path = tmp_path / "p.jsonl"
     path.write_bytes(jsonl(DEGENERATE))
-    result = cli.run(*train_argv(path, tmp_path / "run"))
+    result = cli.run(*train_argv(path, tmp_path / "run", "--loss_type", "amapo"))
     assert result.returncode == 0, result.stderr
     assert "Traceback" not in result.stderr
     report = json.loads((tmp_path / "run" / "data_report.json").read_text())["train"]
@@ -321,7 +321,7 @@ def over_long_rows() -> list[dict]:
 def test_over_long_rows_are_truncated_or_counted(cli, tmp_path):
     path = tmp_path / "p.jsonl"
     path.write_bytes(jsonl(over_long_rows()))
-    result = cli.run(*train_argv(path, tmp_path / "run"))
+    result = cli.run(*train_argv(path, tmp_path / "run", "--loss_type", "amapo"))
     assert result.returncode == 0, result.stderr
     report = json.loads((tmp_path / "run" / "data_report.json").read_text())["train"]
     assert (report["n_rows"], report["n_pairs"], report["skipped"]) == (5, 4, {"identical_after_truncation": 1})
@@ -351,7 +351,7 @@ CONFIG_CASES = {
     "negative_sft_weight": (["--sft_weight", "-1"], r"sft_weight: must be >= 0, got -1\.0"),
     "prompt_longer_than_max_length": (
         ["--max_length", "32", "--max_prompt_length", "64"],
-        r"max_prompt_length: \(64\) must be smaller than max_length \(32\), or unset to derive it",
+        r"max_prompt_length: 64 must be smaller than max_length \(32\), which leaves no room for the completions",
     ),
     "max_length_null": (["--max_length", "null"], r"max_length: must be an integer of at least 2 tokens, got None"),
     "bad_choice": (["--on_bad_row", "ignore"], r"on_bad_row: must be one of skip, error, got 'ignore'"),

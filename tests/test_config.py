@@ -59,7 +59,8 @@ def test_reference_mode_follows_the_loss():
 
 
 def test_amapo_switches_reach_the_loss():
-    cfg = load_config(None, ["--amapo_variant", "paper", "--amapo_exponential", "false", "--use_cpu"])
+    cfg = load_config(None, ["--loss_type", "amapo", "--amapo_variant", "paper", "--amapo_exponential", "false",
+                             "--use_cpu"])
     assert cfg.loss_hparams() == {
         "amapo_variant": "paper",
         "z_norm": True,

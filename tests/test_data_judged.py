@@ -71,7 +71,7 @@ def test_judged_data_in_train_eval_and_inspect(tmp_path, capsys):
     assert cli_main(["train", "--model_name_or_path", stories, "--dataset", str(path), "--columns", columns,
                      "--output_dir", str(out), "--max_steps", "1", "--use_cpu", "--report_to", "none",
                      "--save_strategy", "no", "--per_device_train_batch_size", "2", "--max_length", "48",
-                     "--disable_tqdm", "true"]) == 0
+                     "--disable_tqdm", "true", "--loss_type", "amapo"]) == 0
     capsys.readouterr()
     assert cli_main(["eval", "--model", str(out), "--dataset", str(path), "--json"]) == 0  # the run's columns
     assert json.loads(capsys.readouterr().out)["n_pairs"] == 6

@@ -70,7 +70,7 @@ def launches(tmp_path_factory):
         "-m", "prefalign.cli", "train", "--model_name_or_path", str(model), "--dataset", str(data), "--use_cpu",
         "--report_to", "none", "--max_steps", "2", "--output_dir", str(work / "run"), "--logging_steps", "1",
         "--save_steps", "1", "--save_total_limit", "1", "--per_device_train_batch_size", "2", "--max_length", "64",
-        "--max_prompt_length", "32", "--disable_tqdm", "true", "--seed", "0",
+        "--max_prompt_length", "32", "--disable_tqdm", "true", "--seed", "0", "--loss_type", "amapo",
         log=work / "cli.log",
     )
     yield {"model": model, "work": work, "worker": worker, "cli": cli}

@@ -102,13 +102,14 @@ def test_sft_weight_adds_the_chosen_nll(stories260k, hh_small, tmp_path):
 
 def test_save_and_resume_continue_the_step_count(stories260k, hh_small, tmp_path):
     out = tmp_path / "run"
-    first = _cfg(stories260k, hh_small, out, "--max_steps", "4", "--save_strategy", "steps", "--save_steps", "2",
-                 "--learning_rate", "1e-4")
+    first = _cfg(stories260k, hh_small, out, "--loss_type", "amapo", "--max_steps", "4", "--save_strategy", "steps",
+                 "--save_steps", "2", "--learning_rate", "1e-4")
     train(first)
     assert (out / "checkpoint-4").is_dir()
-    shutil.rmtree(out / "checkpoint-4")  # as if the job died after step 2's checkpoint
-    resumed = _cfg(stories260k, hh_small, out, "--max_steps", "6", "--save_strategy", "steps", "--save_steps", "2",
-                   "--learning_rate", "1e-4", "--resume_from_checkpoint", "latest")
+    shutil.rmtree(out / "checkpoint-4")  # as if the job died after step 2's checkpoint (so it wrote no summary)
+    (out / "train_summary.json").unlink()
+    resumed = _cfg(stories260k, hh_small, out, "--loss_type", "amapo", "--max_steps", "6", "--save_strategy", "steps",
+                   "--save_steps", "2", "--learning_rate", "1e-4", "--resume_from_checkpoint", "latest")
     summary = train(resumed)
     assert summary["global_step"] == 6
     steps = [r["step"] for r in read_metrics(out / "metrics.jsonl") if "loss" in r]
@@ -121,8 +122,8 @@ def test_the_run_records_the_pairs_each_step_trained_on(stories260k, hh_small, t
     rows_of = {}
     for seed in ("0", "1"):
         out = tmp_path / f"seed{seed}"
-        train(_cfg(stories260k, hh_small, out, "--max_steps", "3", "--gradient_accumulation_steps", "2",
-                   "--learning_rate", "0", "--seed", seed))
+        train(_cfg(stories260k, hh_small, out, "--loss_type", "amapo", "--max_steps", "3",
+                   "--gradient_accumulation_steps", "2", "--learning_rate", "0", "--seed", seed))
         lines = read_jsonl(out / "trained_pairs.jsonl")
         assert [r["step"] for r in lines] == [1, 2, 3] and all(r["epoch"] == 0 for r in lines)
         assert all(len(r["rows"]) == 4 for r in lines)
@@ -136,7 +137,7 @@ def test_the_run_records_the_pairs_each_step_trained_on(stories260k, hh_small, t
 
 def test_eval_json_on_a_trained_run(stories260k, hh_small, tmp_path, capsys):
     out = tmp_path / "run"
-    train(_cfg(stories260k, hh_small, out, "--max_steps", "1"))
+    train(_cfg(stories260k, hh_small, out, "--loss_type", "amapo", "--max_steps", "1"))
     capsys.readouterr()
     assert cli_main(["eval", "--model", str(out), "--dataset", str(hh_small), "--json", "--limit", "6",
                      "--per-pair", str(tmp_path / "pp.jsonl")]) == 0
@@ -150,7 +151,7 @@ def test_eval_json_on_a_trained_run(stories260k, hh_small, tmp_path, capsys):
 def test_eval_of_a_run_folder_scores_as_the_run_did(stories260k, hh_small, tmp_path, capsys):
     """`prefalign eval RUN` takes the run's lengths and format: it reproduces the run's own eval_results.json."""
     out = tmp_path / "run"
-    train(_cfg(stories260k, hh_small, out, "--max_steps", "1", "--eval_dataset", str(hh_small),
+    train(_cfg(stories260k, hh_small, out, "--loss_type", "amapo", "--max_steps", "1", "--eval_dataset", str(hh_small),
                "--max_eval_samples", "6", "--max_length", "80", "--max_prompt_length", "40"))
     capsys.readouterr()
     assert cli_main(["eval", "--model", str(out), "--dataset", str(hh_small), "--json", "--limit", "6"]) == 0
@@ -219,8 +220,9 @@ def test_nonfinite_loss_stops_with_step_and_rows(stories260k, hh_small, tmp_path
 
     monkeypatch.setattr(PreferenceTrainer, "pair_loss", poisoned)
     with pytest.raises(PrefalignError, match=r"non-finite loss \(nan\) at step 1, dataset rows \["):
-        train(_cfg(stories260k, hh_small, tmp_path / "run", "--max_steps", "2"))
-    summary = train(_cfg(stories260k, hh_small, tmp_path / "skip", "--max_steps", "2", "--on_nonfinite", "skip"))
+        train(_cfg(stories260k, hh_small, tmp_path / "run", "--loss_type", "amapo", "--max_steps", "2"))
+    summary = train(_cfg(stories260k, hh_small, tmp_path / "skip", "--loss_type", "amapo", "--max_steps", "2",
+                         "--on_nonfinite", "skip"))
     assert summary["global_step"] == 2
     rows = [r for r in read_metrics(tmp_path / "skip" / "metrics.jsonl") if "loss" in r]
     assert rows[-1]["skipped/nonfinite_loss_batches"] == 2

@@ -84,7 +84,7 @@ def test_sliding_window_model_gives_the_same_loss_packed_or_not(family, loss, sa
 def test_refused_model_trains_unshared_with_the_reason_logged(saved, hh_file, tmp_path, caplog, capsys):
     folder = saved("gpt2")
     with caplog.at_level(logging.WARNING):
-        summary = train(_cfg(folder, hh_file, tmp_path / "run", "--max_steps", "1"))
+        summary = train(_cfg(folder, hh_file, tmp_path / "run", "--max_steps", "1", "--loss_type", "amapo"))
     assert summary["global_step"] == 1
     reasons = [r.getMessage() for r in caplog.records if r.getMessage().startswith("prefix sharing off")]
     assert reasons == ["prefix sharing off: GPT2LMHeadModel: prefix sharing restarts the rejected completion's "
@@ -112,7 +112,7 @@ def test_self_check_stops_a_run_on_wrong_log_probs(saved, hh_file, tmp_path, cap
 
     monkeypatch.setattr(logps_module, "cached_head_spec", lambda _model: HeadSpec())  # forget the soft-cap
     code = cli_main(["train", "--model_name_or_path", str(saved("gemma2")), "--dataset", str(hh_file),
-                     "--output_dir", str(tmp_path / "run"), *COMMON, "--max_steps", "1"])
+                     "--output_dir", str(tmp_path / "run"), *COMMON, "--max_steps", "1", "--loss_type", "amapo"])
     err = capsys.readouterr().err.strip().splitlines()
     assert code != 0 and len(err) >= 1
     assert err[-1].startswith("prefalign: error: self-check: gemma2: prefalign's log-probs differ")

@@ -8,9 +8,11 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import functools
 import json
 import logging
 import math
+import numbers
 import types
 import typing
 from dataclasses import dataclass, field
@@ -25,7 +27,8 @@ from .losses.amapo import VARIANTS
 
 REFERENCE_MODES = ("auto", "precomputed", "model", "adapter")
 SFT = "sft"  # a loss term: the chosen completions' token-averaged NLL (TRL's "sft" loss_type)
-LOSS_ALIASES = {"sigmoid": "dpo"}  # TRL's names with the same meaning
+# TRL's names with the same meaning (aot_pair: TRL <= 0.12's name for aot_unpaired, the same loss)
+LOSS_ALIASES = {"sigmoid": "dpo", "aot_pair": "aot_unpaired"}
 # Loss hyperparameters whose config key differs from the loss function's argument name.
 HPARAM_KEYS = {"z_norm": "amapo_z_norm", "exponential": "amapo_exponential", "zero_margin": "amapo_zero_margin"}
 DTYPES = ("float32", "bfloat16", "float16", "auto")
@@ -68,12 +71,20 @@ class PreferenceConfig(TrainingArguments):
     data_format: str = field(default="auto", metadata={"help": "auto, explicit, implicit or conversational"})
     chat_template: str | None = field(default=None, metadata={"help": "chat template text or file for tokenizers without one"})
     on_bad_row: str = field(default="skip", metadata={"help": "skip (counted) or error"})
-    max_length: int = field(default=512, metadata={"help": "tokens of prompt + completion (longer pairs are cut)"})
+    max_length: int | None = field(
+        default=512,
+        metadata={"help": "tokens of prompt + completion (longer pairs are cut); unset (or None) with "
+                          "max_prompt_length and max_completion_length both set: their sum"},
+    )
     max_prompt_length: int | None = field(
         default=None,
-        metadata={"help": "cut prompts to this many tokens; unset (as in TRL): nothing is cut when prompt + the "
-                          "longer completion fit max_length, else the prompt keeps at most max(max_length - longer "
-                          "completion, max_length // 2)"},
+        metadata={"help": "cut prompts to this many tokens; unset (as in TRL): max_length - max_completion_length "
+                          "when that is set, else nothing is cut when prompt + the longer completion fit max_length, "
+                          "else the prompt keeps at most max(max_length - longer completion, max_length // 2)"},
+    )
+    max_completion_length: int | None = field(
+        default=None, metadata={"help": "cut each completion to this many tokens (TRL's name); max_prompt_length + "
+                                        "max_completion_length must not exceed max_length"},
     )
     truncation_mode: str = field(default="keep_end", metadata={"help": "keep_end or keep_start of the prompt"})
     dataset_num_proc: int | None = field(default=None, metadata={"help": "processes for tokenizing (TRL's name)"})
@@ -81,9 +92,9 @@ class PreferenceConfig(TrainingArguments):
     max_eval_samples: int | None = None
     # Loss
     loss_type: str | list[str] = field(
-        default="amapo",
-        metadata={"help": f"one of {', '.join(sorted(LOSSES))} (TRL's sigmoid = dpo), or a list of them and sft "
-                          "(the chosen completions' NLL) combined with loss_weights, as TRL"},
+        default="sigmoid",  # TRL's default (DPO), so a TRL script keeps its meaning; AMaPO is named explicitly
+        metadata={"help": f"one of {', '.join(sorted(LOSSES))} (TRL's sigmoid = dpo, the default, as TRL), or a "
+                          "list of them and sft (the chosen completions' NLL) combined with loss_weights, as TRL"},
     )
     loss_weights: list[float] | None = field(
         default=None, metadata={"help": "with a list loss_type: total = sum of weight x mean loss (default 1 each)"}
@@ -157,6 +168,8 @@ class PreferenceConfig(TrainingArguments):
     logging_steps: float = 10
     # Numerics
     on_nonfinite: str = field(default="error", metadata={"help": "error (stop with the step and rows) or skip (counted)"})
+    resume_with_changed_settings: bool = field(default=False, metadata={
+        "help": "resume even where settings that change training differ from the run's (recorded per resume)"})
     # TRL's DPOConfig / CPOConfig names (docs/trl-migration.md): mapped where prefalign has the meaning,
     # refused in one line where it does not — a TRL recipe never loses a setting silently.
     disable_dropout: bool = field(default=True, metadata={"help": "TRL: set every dropout to 0 in the policy"})
@@ -168,12 +181,40 @@ class PreferenceConfig(TrainingArguments):
     activation_offloading: bool = field(default=False, metadata={"help": "TRL: not supported"})
     router_aux_loss_coef: float | None = field(default=None, metadata={"help": "TRL: not supported (no MoE router loss)"})
     simpo_gamma: float | None = field(default=None, metadata={"help": "TRL CPO: SimPO's margin = gamma"})
-    max_completion_length: int | None = field(default=None, metadata={"help": "TRL CPO: max_prompt_length = max_length - this"})
     generate_during_eval: bool = field(default=False, metadata={"help": "TRL: not supported"})
     is_encoder_decoder: bool | None = field(default=None, metadata={"help": "TRL: prefalign trains decoder-only models"})
+    # Older TRL DPOConfig fields (0.12-0.29) that scripts still carry: accepted at TRL's default, refused in one
+    # line otherwise (with the prefalign way where there is one), never a bare TypeError from __init__.
+    reference_free: bool = field(default=False, metadata={"help": "older TRL: not supported; cpo with cpo_alpha 0 "
+                                                                  "is DPO without a reference"})
+    force_use_ref_model: bool = field(default=False, metadata={"help": "older TRL: not supported; reference: model "
+                                                                       "scores a separate reference under LoRA"})
+    model_adapter_name: str | None = field(default=None, metadata={"help": "older TRL: not supported (one LoRA adapter)"})
+    ref_adapter_name: str | None = field(default=None, metadata={"help": "older TRL: not supported (reference: adapter)"})
+    max_target_length: int | None = field(default=None, metadata={"help": "older TRL: max_completion_length"})
+    label_pad_token_id: int = field(default=-100, metadata={"help": "older TRL: not supported (no labels are padded)"})
+    padding_value: int | None = field(default=None, metadata={"help": "older TRL: not supported; use pad_token"})
+    tools: list | None = field(default=None, metadata={"help": "older TRL: not supported (no tool calling)"})
+    use_liger_loss: bool = field(default=False, metadata={"help": "older TRL: not supported"})
+    base_model_attribute_name: str = field(default="model", metadata={"help": "older TRL (use_liger_loss): not supported"})
+
+    def __new__(cls, *args, **kwargs):
+        # The dataclass __init__ cannot tell a default from the same value given, and raises a bare TypeError
+        # for an unknown keyword. Here the caller's keys are known: an unknown one is one line with the nearest
+        # valid key, and the given ones are kept so that an unset max_length can be derived from the other
+        # lengths and no message claims a key nobody set.
+        names = [f.name for f in dataclasses.fields(cls) if f.init]
+        for key in kwargs:
+            if key not in names:
+                raise _unknown_key(key, cls.__name__)
+        self = super().__new__(cls)
+        self._given = frozenset(names[: len(args)]) | frozenset(kwargs)
+        return self
 
     def __post_init__(self):
+        self._check_types()
         self._map_trl_fields()
+        self._resolve_lengths()
         self._check()
         if self.load_best_model_at_end and self.metric_for_best_model is None:
             # transformers would pick eval_loss, which preference evaluation does not produce
@@ -201,14 +242,12 @@ class PreferenceConfig(TrainingArguments):
             if self.gamma is not None:
                 conflict("simpo_gamma", "gamma")
             self.gamma, self.simpo_gamma = float(self.simpo_gamma), None
-        if self.max_completion_length is not None:
-            if self.max_prompt_length is not None:
-                conflict("max_completion_length", "max_length - max_prompt_length")
-            if not 0 < self.max_completion_length < self.max_length:
-                raise ConfigError(f"max_completion_length: must be in (0, max_length={self.max_length}), "
-                                  f"got {self.max_completion_length}")
-            self.max_prompt_length = self.max_length - self.max_completion_length
-            self.max_completion_length = None
+        if self.max_target_length is not None:
+            if self.max_completion_length is not None:
+                raise ConfigError("max_target_length: older TRL's name for max_completion_length, which is also set: "
+                                  "set one of them")
+            self.max_completion_length, self.max_target_length = self.max_target_length, None
+        self._refuse_older_trl_fields(unsupported)
         if self.padding_free:
             unsupported("padding_free", "prefix_sharing (on by default where exact) packs each pair's prompt once instead")
         if self.pad_to_multiple_of not in (None, "auto"):
@@ -228,6 +267,86 @@ class PreferenceConfig(TrainingArguments):
             logging.getLogger(__name__).warning(
                 "use_logits_to_keep: false has no effect: prefalign always applies the output head only where a "
                 "completion token is scored")
+        if self.use_liger_kernel:
+            from transformers.utils import is_liger_kernel_available
+
+            if not is_liger_kernel_available():  # transformers would fail only when the trainer is built
+                raise ConfigError("use_liger_kernel: liger-kernel is not installed: pip install liger-kernel, or "
+                                  "set use_liger_kernel false")
+
+    def _refuse_older_trl_fields(self, unsupported) -> None:
+        """DPOConfig fields of older TRL (0.12-0.29): TRL's default is accepted, any other value is refused with
+        the prefalign way where there is one."""
+        if self.reference_free:
+            unsupported("reference_free", "for DPO without a reference use loss_type cpo with cpo_alpha 0 (the same "
+                        "sigmoid loss on summed log-probs), or a reference-free loss (simpo, orpo, amapo)")
+        if self.force_use_ref_model:
+            unsupported("force_use_ref_model", "with use_peft, reference: model scores the reference with ref_model "
+                        "(or ref_model_name_or_path) instead of the model with its adapters disabled")
+        for key in ("model_adapter_name", "ref_adapter_name"):
+            if getattr(self, key) is not None:
+                unsupported(key, "prefalign trains one LoRA adapter (use_peft), and the reference is the model with "
+                            "its adapters disabled (reference: adapter) or a separate model (reference: model)")
+        if self.label_pad_token_id != -100:
+            unsupported("label_pad_token_id", "no labels are padded: only completion tokens are scored")
+        if self.padding_value is not None:
+            unsupported("padding_value", "set pad_token (TRL 1.16's name) to the pad token's text")
+        if self.tools is not None:
+            unsupported("tools", "chat templates are rendered without tools")
+        if self.use_liger_loss:
+            unsupported("use_liger_loss", "prefalign computes its losses from the completion log-probs itself")
+        if self.base_model_attribute_name != "model":
+            unsupported("base_model_attribute_name", "it applies only to use_liger_loss, which is not supported")
+
+    def _check_types(self) -> None:
+        """A number or a switch given as something else (`beta="high"`) is one line naming the key and the type
+        expected, where a later comparison would raise a bare TypeError. Only the caller's keys: defaults fit."""
+        for key in sorted(self._given):
+            opts = _type_options(key)
+            value = getattr(self, key)
+            if not set(opts) <= {int, float, bool} or (value is None and _allows_none(key)):
+                continue
+            if isinstance(value, bool):
+                ok = bool in opts
+            elif isinstance(value, numbers.Integral):
+                ok = int in opts or float in opts
+            else:
+                ok = float in opts and isinstance(value, numbers.Real)
+            if not ok:
+                names = " or ".join(t.__name__ for t in opts) + (" or None" if _allows_none(key) else "")
+                raise ConfigError(f"{key}={value!r}: expected {names}, got {type(value).__name__}")
+
+    def _resolve_lengths(self) -> None:
+        """TRL's three lengths, in any consistent combination, each a limit the tokenizer honours
+        (`truncate_pair`): the prompt is cut to max_prompt_length, each completion to max_completion_length,
+        prompt + completion to max_length. Unset, max_length is max_prompt_length + max_completion_length when
+        both are set (max_length None, TRL's "no limit", too), else 512; max_prompt_length is max_length -
+        max_completion_length when only that one is set, so a completion at its limit always fits. A message
+        names only the keys the user set."""
+        prompt, completion = self.max_prompt_length, self.max_completion_length
+        for key, value in (("max_prompt_length", prompt), ("max_completion_length", completion)):
+            if value is not None and value < 1:
+                raise ConfigError(f"{key}: must be at least 1 token (or unset), got {value}")
+        length_set = "max_length" in self._given and self.max_length is not None
+        if not length_set and prompt is not None and completion is not None:
+            self.max_length = prompt + completion
+            return
+        if self.max_length is None or self.max_length < 2:
+            raise ConfigError(f"max_length: must be an integer of at least 2 tokens, got {self.max_length!r}")
+        limit = f"max_length ({self.max_length}{'' if length_set else ', its default'})"
+        if prompt is not None and completion is not None:
+            if prompt + completion > self.max_length:
+                raise ConfigError(f"max_prompt_length + max_completion_length: {prompt} + {completion} = "
+                                  f"{prompt + completion} exceeds {limit}: a prompt and a completion at their limits "
+                                  "would not fit; raise max_length or lower one of them")
+        elif prompt is not None and prompt >= self.max_length:
+            raise ConfigError(f"max_prompt_length: {prompt} must be smaller than {limit}, which leaves no room for "
+                              f"the completions{'' if length_set else '; set max_length too'}")
+        elif completion is not None:
+            if completion >= self.max_length:
+                raise ConfigError(f"max_completion_length: {completion} must be smaller than {limit}, which leaves "
+                                  f"no room for the prompt{'' if length_set else '; set max_length too'}")
+            self.max_prompt_length = self.max_length - completion
 
     def _cpu_when_launched_without_accelerator(self) -> None:
         """`accelerate launch` / torchrun started several processes on a machine without a GPU: without
@@ -288,17 +407,22 @@ class PreferenceConfig(TrainingArguments):
             bad("spo_degrees", f"must be at least 2, got {self.spo_degrees}")
         if self.spo_samples < 1:
             bad("spo_samples", f"must be at least 1, got {self.spo_samples}")
-        if not isinstance(self.max_length, int) or self.max_length <= 1:
-            bad("max_length", f"must be an integer of at least 2 tokens, got {self.max_length!r}")
-        if self.max_prompt_length is not None:
-            if self.max_prompt_length <= 0:
-                bad("max_prompt_length", f"must be positive (or unset), got {self.max_prompt_length}")
-            if self.max_prompt_length >= self.max_length:
-                bad("max_prompt_length", f"({self.max_prompt_length}) must be smaller than max_length ({self.max_length}), "
-                    "or unset to derive it")
+        self._check_steps(bad)
         if self.precompute_ref_log_probs and self.reference not in ("auto", "precomputed"):
             bad("precompute_ref_log_probs", f"conflicts with reference={self.reference}")
         self._check_settings_apply(bad)
+
+    def _check_steps(self, bad) -> None:
+        """Step counts transformers accepts but cannot mean: a run that trains nothing, a checkpoint every 0 steps."""
+        if self.max_steps == 0:
+            bad("max_steps", "0 trains nothing (transformers would ignore it and train num_train_epochs): set at "
+                "least 1, or -1 to train num_train_epochs")
+        if self.max_steps < 0 and not (math.isfinite(self.num_train_epochs) and self.num_train_epochs > 0):
+            bad("num_train_epochs", f"{self.num_train_epochs} trains nothing (max_steps is unset): set it > 0, or "
+                "max_steps to at least 1")
+        if self.save_strategy == "steps" and not (math.isfinite(self.save_steps) and self.save_steps > 0):
+            bad("save_steps", f"must be > 0 with save_strategy steps (a fraction < 1 is a share of the run's steps), "
+                f"got {self.save_steps}; save_strategy no saves no checkpoints")
 
     def _check_settings_apply(self, bad) -> None:
         """A setting the chosen configuration never reads: an error where it is clearly a mistake (SPO or LoRA
@@ -503,8 +627,17 @@ def _unknown_key(key: str, where: str) -> ConfigError:
     return ConfigError(f"{where}: unknown key '{key}'{hint}")
 
 
+@functools.cache
+def _type_hints() -> dict:
+    return typing.get_type_hints(PreferenceConfig)
+
+
+def _allows_none(key: str) -> bool:
+    return type(None) in typing.get_args(_type_hints()[key])
+
+
 def _type_options(key: str) -> tuple[type, ...]:
-    hint = typing.get_type_hints(PreferenceConfig)[key]
+    hint = _type_hints()[key]
     origin = typing.get_origin(hint)
     if origin in (typing.Union, types.UnionType):
         return tuple(typing.get_origin(a) or a for a in typing.get_args(hint) if a is not type(None))
@@ -513,7 +646,7 @@ def _type_options(key: str) -> tuple[type, ...]:
 
 def _list_element_type(key: str):
     """The element type of a `list[X]` field (None when the field has no list type)."""
-    hint = typing.get_type_hints(PreferenceConfig)[key]
+    hint = _type_hints()[key]
     for arg in (typing.get_args(hint) or (hint,)):
         if typing.get_origin(arg) is list and typing.get_args(arg):
             return typing.get_args(arg)[0]
@@ -609,14 +742,44 @@ def parse_overrides(argv: list[str]) -> dict:
     return out
 
 
+class _RepeatedKey(yaml.YAMLError):
+    def __init__(self, key, line: int, first: int):
+        super().__init__(f"key '{key}' is set twice (first on line {first}): keep one")
+        self.line = line
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """safe_load, except that a key repeated in one mapping is an error: YAML keeps the last value silently,
+    so a recipe edited in two places would train with whichever came later."""
+
+    def construct_mapping(self, node, deep=False):
+        if isinstance(node, yaml.MappingNode):
+            first: dict = {}
+            for key_node, _ in node.value:
+                if key_node.tag == "tag:yaml.org,2002:merge":  # `<<: *base` entries may be overridden, as YAML says
+                    continue
+                key = self.construct_object(key_node, deep=True)
+                line = key_node.start_mark.line + 1
+                try:
+                    if key in first:
+                        raise _RepeatedKey(key, line, first[key])
+                    first[key] = line
+                except TypeError:  # an unhashable key: SafeLoader reports it
+                    pass
+        return super().construct_mapping(node, deep=deep)
+
+
 def read_yaml_mapping(path: str | Path, what: str, shape: str) -> dict:
-    """A YAML file read with safe_load that must be a mapping; one ConfigError line naming the file (and line)
-    otherwise. `what` names the file in messages ("recipe"), `shape` says what it must map."""
+    """A YAML file read with safe_load (a repeated key refused) that must be a mapping; one ConfigError line
+    naming the file (and line) otherwise. `what` names the file in messages ("recipe"), `shape` says what it
+    must map."""
     path = Path(path)
     try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        data = yaml.load(path.read_text(encoding="utf-8"), Loader=_UniqueKeyLoader) or {}
     except OSError as e:
         raise ConfigError(f"{path}: cannot read {what} ({e.strerror or e})") from None
+    except _RepeatedKey as e:
+        raise ConfigError(f"{path}:{e.line}: {e}") from None
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f"{path}:{mark.line + 1}" if mark else str(path)

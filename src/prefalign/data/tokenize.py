@@ -22,11 +22,13 @@ def tokenize_pairs(
     truncation_mode: str = "keep_end",
     on_bad_row: str = "skip",
     num_proc: int | None = None,
+    max_completion_length: int | None = None,
 ) -> tuple[Dataset, dict[str, int]]:
     """Token ids of prompt, chosen and rejected for each pair (completions end with EOS unless truncated).
 
     The prompt is cut to max_prompt_length first: keep_end drops its oldest tokens (keeping a leading BOS),
-    keep_start its newest. Completions are then cut to fit max_length. max_length None means no limit;
+    keep_start its newest. Completions are then cut to max_completion_length and to fit max_length (their
+    start is kept, as TRL). max_length None means no limit;
     max_prompt_length None derives the prompt's share per pair (`truncate_pair`). Returns the
     tokenized dataset (prompt_input_ids, chosen_input_ids, rejected_input_ids, row_index) and the skip counts.
     """
@@ -44,7 +46,7 @@ def tokenize_pairs(
         remove_columns=[c for c in dataset.column_names if c not in KEPT_COLUMNS],
         fn_kwargs={
             "tokenizer": tokenizer,
-            "limits": (max_length, max_prompt_length, truncation_mode),
+            "limits": (max_length, max_prompt_length, truncation_mode, max_completion_length),
         },
         desc="Tokenizing pairs",
         num_proc=num_proc,
@@ -98,15 +100,20 @@ def truncate_pair(
     max_length: int | None,
     max_prompt_length: int | None,
     truncation_mode: str,
+    max_completion_length: int | None = None,
     bos: int | None = None,
 ) -> tuple[list[int], list[int], list[int], str]:
-    """Cut the prompt to max_prompt_length, then the completions to fit max_length; plus a skip reason or "".
+    """Cut the prompt to max_prompt_length, then the completions to max_completion_length and to fit
+    max_length; plus a skip reason or "".
 
     With max_prompt_length None (TRL's configs have only max_length) it is derived per pair: nothing is cut
-    when prompt + the longer completion fit in max_length; otherwise the prompt keeps at most
-    max(max_length − longer completion, max_length // 2) tokens and the completions are cut to the rest."""
+    when prompt + the longer completion (at most max_completion_length) fit in max_length; otherwise the
+    prompt keeps at most max(max_length − longer completion, max_length // 2) tokens and the completions are
+    cut to the rest."""
+    longer = max(len(chosen), len(rejected))
+    if max_completion_length is not None:
+        longer = min(longer, max_completion_length)
     if max_prompt_length is None and max_length is not None:
-        longer = max(len(chosen), len(rejected))
         max_prompt_length = max(max_length - longer, max_length // 2)
     if max_prompt_length is not None and len(prompt) > max_prompt_length:
         if truncation_mode == "keep_start":
@@ -116,11 +123,12 @@ def truncate_pair(
         else:
             prompt = prompt[len(prompt) - max_prompt_length :]
     if max_length is None:
-        room = max(len(chosen), len(rejected))
+        room = longer
     else:
         room = max_length - len(prompt)
         if room <= 0:
             return prompt, [], [], "truncated_to_nothing"
+        room = min(room, longer)
     if chosen[:room] == rejected[:room]:
         reason = "identical" if chosen == rejected else "identical_after_truncation"
         return prompt, chosen[:room], rejected[:room], reason

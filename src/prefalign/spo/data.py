@@ -35,7 +35,7 @@ def _version_ids(tokenizer, prompt: str, versions: list[str], tail: str, *, whol
     return [x[:room] for x in ids]
 
 
-def _degrade_batch(batch, *, texts, tokenizer, degrees, sides, max_length):
+def _degrade_batch(batch, *, texts, tokenizer, degrees, sides, max_length, max_completion_length=None):
     out = {f"spo_{side}_ids": [] for side in SIDES}
     out["spo_status"] = []
     markup = markup_tokens(tokenizer)
@@ -47,6 +47,8 @@ def _degrade_batch(batch, *, texts, tokenizer, degrees, sides, max_length):
             ids: list[list[int]] = []
             if versions is not None:
                 room = None if max_length is None else max_length - len(prompt_ids)
+                if max_completion_length is not None:  # cut as the intact completions were
+                    room = max_completion_length if room is None else min(room, max_completion_length)
                 intact = batch[f"{side}_input_ids"][i]
                 whole = bool(intact) and intact[-1] == tokenizer.eos_token_id
                 tail = split_markup(response, markup)[2]
@@ -67,6 +69,7 @@ def add_spo_columns(
     degrees: int = 4,
     spo_on: str = "both",
     max_length: int | None = None,
+    max_completion_length: int | None = None,
 ) -> tuple[Dataset, dict[str, int]]:
     """`tokenized` plus spo_chosen_ids / spo_rejected_ids (K−1 lists each, or [] for no SPO sample), and counts
     of responses with and without SPO samples. `pairs` is the string dataset the tokenized rows came from."""
@@ -77,7 +80,8 @@ def add_spo_columns(
     out = tokenized.map(
         _degrade_batch,
         batched=True,
-        fn_kwargs={"texts": texts, "tokenizer": tokenizer, "degrees": degrees, "sides": sides, "max_length": max_length},
+        fn_kwargs={"texts": texts, "tokenizer": tokenizer, "degrees": degrees, "sides": sides, "max_length": max_length,
+                   "max_completion_length": max_completion_length},
         desc="SPO: degrading key phrases",
     )
     counts = {"spo_responses": 0, "spo_no_sample": 0}

@@ -75,7 +75,7 @@ def _label(value) -> str:
 
 
 def load_sweep(path: str | Path) -> Sweep:
-    from ..config import read_recipe, read_yaml_mapping, recipe_values
+    from ..config import config_fields, read_recipe, read_yaml_mapping, recipe_values
 
     path = Path(path)
     spec = read_yaml_mapping(path, "sweep file", "base, grid, baseline and output_dir")
@@ -114,7 +114,7 @@ def load_sweep(path: str | Path) -> Sweep:
                 name = method_name if not varying else f"{method_name}, " + ", ".join(
                     f"{k}={_label(chosen[k])}" for k in varying)
             elif varying == ["loss_type"] or not varying:
-                name = _label(values.get("loss_type", "amapo"))
+                name = _label(values.get("loss_type", config_fields()["loss_type"].default))  # unset: the config's
             else:
                 name = ", ".join(_label(chosen[k]) if k == "loss_type" else f"{k}={_label(chosen[k])}"
                                  for k in varying)

@@ -45,6 +45,7 @@ def prepare_pairs(source, tokenizer, cfg: PreferenceConfig, *, name: str, split=
         tokenizer,
         max_length=cfg.max_length,
         max_prompt_length=cfg.max_prompt_length,
+        max_completion_length=cfg.max_completion_length,
         truncation_mode=cfg.truncation_mode,
         on_bad_row=cfg.on_bad_row,
         num_proc=cfg.dataset_num_proc,
@@ -58,7 +59,7 @@ def prepare_pairs(source, tokenizer, cfg: PreferenceConfig, *, name: str, split=
         from ..spo import add_spo_columns
 
         tok, spo_counts = add_spo_columns(ds, tok, tokenizer, degrees=cfg.spo_degrees, spo_on=cfg.spo_on,
-                                          max_length=cfg.max_length)
+                                          max_length=cfg.max_length, max_completion_length=cfg.max_completion_length)
         report["spo"] = spo_counts
         log.info("%s data: SPO samples from %d responses; %d responses without key phrases to grade",
                  name, spo_counts["spo_responses"], spo_counts["spo_no_sample"])
