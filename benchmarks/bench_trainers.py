@@ -168,7 +168,7 @@ def _child_prefalign(spec: dict, rec: _Recorder):
     data = prepare_data(cfg, tok)
 
     timing = {"reference_s": 0.0}
-    compute = reference_cache.score_reference
+    compute = reference_cache.score_missing
 
     def timed(*args, **kwargs):
         t = time.perf_counter()
@@ -177,7 +177,7 @@ def _child_prefalign(spec: dict, rec: _Recorder):
         finally:
             timing["reference_s"] += time.perf_counter() - t
 
-    reference_cache.score_reference = timed
+    reference_cache.score_missing = timed
     trainer = build_trainer(cfg, model, tok, data)
     return trainer, model, len(data.train), timing["reference_s"], _prefalign_tokens
 

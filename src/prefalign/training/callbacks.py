@@ -33,10 +33,12 @@ class MetricsFileCallback(TrainerCallback):
         self._t0 = time.time()
         path = os.path.join(args.output_dir, METRICS_FILE)
         if state.is_world_process_zero and os.path.exists(path):
-            # A resumed run re-logs the steps after its checkpoint: drop the rows the crashed run wrote for them.
-            rows = read_metrics(path)
+            # A resumed run re-logs the steps after its checkpoint: drop the rows the crashed run wrote for them,
+            # and a last line a kill cut off mid-write.
+            torn: list = []
+            rows = read_metrics(path, torn_tail=torn)
             kept = [r for r in rows if r.get("step", 0) <= state.global_step]
-            if len(kept) < len(rows):
+            if len(kept) < len(rows) or torn:
                 write_jsonl(kept, path + ".tmp")
                 os.replace(path + ".tmp", path)
 
@@ -63,9 +65,10 @@ class TrainedPairsFile(TrainerCallback):
         self.trainer._trained_rows.clear()
         path = os.path.join(args.output_dir, TRAINED_PAIRS_FILE)
         if state.is_world_process_zero and os.path.exists(path):  # resumed: the steps after the checkpoint rerun
-            rows = read_jsonl(path)
+            torn: list = []
+            rows = read_jsonl(path, torn_tail=torn)
             kept = [r for r in rows if r.get("step", 0) <= state.global_step]
-            if len(kept) < len(rows):
+            if len(kept) < len(rows) or torn:
                 write_jsonl(kept, path + ".tmp")
                 os.replace(path + ".tmp", path)
 
@@ -154,10 +157,11 @@ class SPOEpoch(TrainerCallback):
 
 class ReferencePass(TrainerCallback):
     """Reference log-probs (reference: precomputed) when training begins: after `accelerator.prepare`, before
-    the first update, so they come from the model as it trains (device, layout, precision, engine)."""
+    the first update, so they come from the model as it trains (device, layout, precision, engine); of the
+    train pairs, those of the `state.max_steps` steps the trainer has just planned (a resumed run's included)."""
 
     def __init__(self, trainer):
         self.trainer = trainer
 
     def on_train_begin(self, args, state, control, **kwargs):
-        self.trainer.prepare_reference(resuming=state.global_step > 0)
+        self.trainer.prepare_reference(resuming=state.global_step > 0, steps=state.max_steps)
