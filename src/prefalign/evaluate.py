@@ -8,15 +8,15 @@ is the fraction with h = (pc − pr) − (rc − rr) > 0 on summed log-probs.
 from __future__ import annotations
 
 import contextlib
-import json
 import math
 from collections.abc import Callable, Iterable
 
 import torch
 
-from .modeling import pair_logps
+from .errors import ConfigError, DataError
+from .modeling import SequenceLogps, pair_logps
 from .modeling.sequence_weights import length_desensitized
-from .run_files import CONFIG_FILE, write_jsonl
+from .run_files import CONFIG_FILE, read_json_object, write_jsonl
 
 # Buckets of |Δ| (nats per token): where confident mistakes show up.
 MARGIN_BUCKETS = (0.0, 0.05, 0.1, 0.25, 0.5, 1.0, math.inf)
@@ -32,11 +32,15 @@ def score_pairs(
     autocast: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext,
     ld_alpha: float | None = None,
     with_norm: bool = False,
+    extra: Callable[[dict, SequenceLogps], dict[str, torch.Tensor]] | None = None,
+    with_sum_sq: bool = False,
 ) -> list[dict]:
     """One record per pair. `reference(batch)` returns summed reference log-probs [2B] (chosen then rejected);
     `gather` collects per-pair tensors from all processes (accelerator.gather_for_metrics). With `ld_alpha`
     (LD-DPO, whose reference sums are length-desensitized) the reward margin uses the policy's LD sums too.
-    `with_norm` adds each completion's −‖per-token log-probs‖₂ (RewardBench's `ref_free_norm: norm`)."""
+    `with_norm` adds each completion's −‖per-token log-probs‖₂ (RewardBench's `ref_free_norm: norm`).
+    `extra(batch, log-probs)` adds per-pair fields [B] computed from the same forward pass, after `reference`
+    (the trainer's loss and rewards); `with_sum_sq` scores what WPO's weights need."""
     was_training = model.training
     model.eval()
     cols: dict[str, list[torch.Tensor]] = {}
@@ -44,7 +48,7 @@ def score_pairs(
         for batch in batches:
             b = batch["row_index"].shape[0]
             with autocast():
-                lp = pair_logps(model, batch)  # packed when the collator packed the batch
+                lp = pair_logps(model, batch, with_sum_sq=with_sum_sq)  # packed when the collator packed it
             fields = {
                 "index": batch["row_index"],
                 "chosen_logp_mean": lp.mean[:b],
@@ -64,6 +68,8 @@ def score_pairs(
                 if ld_alpha is not None:
                     ld_sums = length_desensitized(lp, ld_alpha)[0]
                     fields["chosen_ld_sum"], fields["rejected_ld_sum"] = ld_sums[:b], ld_sums[b:]
+            if extra is not None:
+                fields.update(extra(batch, lp))
             for k, v in fields.items():
                 v = v.detach()
                 cols.setdefault(k, []).append((gather(v) if gather else v).cpu())
@@ -147,7 +153,8 @@ def format_summary(summary: dict) -> str:
 
 # What `prefalign eval` takes from a run folder's prefalign_config.json when not given: the run is scored as
 # it was scored during training (same lengths, data format and precision).
-RUN_SETTINGS = {"max_length": 512, "max_prompt_length": None, "truncation_mode": "keep_end", "data_format": "auto",
+RUN_SETTINGS = {"max_length": 512, "max_prompt_length": None, "max_completion_length": None,
+                "truncation_mode": "keep_end", "data_format": "auto",
                 "chat_template": None, "columns": None, "winner_values": None, "bf16": False, "dtype": "float32", "attn_implementation": None}
 
 
@@ -160,8 +167,50 @@ def run_settings(model: str, given: dict) -> dict:
     saved = {}
     config = Path(os.path.expanduser(model)) / CONFIG_FILE
     if config.is_file():
-        saved = json.loads(config.read_text(encoding="utf-8"))
+        saved = read_json_object(config)  # a damaged record is one line naming it
     return {k: given[k] if given.get(k) is not None else saved.get(k, default) for k, default in RUN_SETTINGS.items()}
+
+
+# Pairs that truncation to max_length drops (data/skips.py): when these are all that is left out, the lengths
+# are the cause, not the data.
+TRUNCATION_SKIPS = ("truncated_to_nothing", "identical_after_truncation")
+
+
+def settle_lengths(st: dict, given: dict, model: str) -> None:
+    """Check the lengths in `st` (run_settings) and, where a new --max-length leaves a run's own
+    max_prompt_length no room for the completions, derive the prompt's share per pair as train does when only
+    max_length is set (data.tokenize.truncate_pair), saying so: the run's share would cut every longer prompt
+    to max_length or more and drop its pair as truncated to nothing."""
+    import logging
+
+    if st["max_length"] is not None and st["max_length"] < 2:  # 1 would cut every prompt to nothing
+        raise ConfigError(f"--max-length {st['max_length']}: must be at least 2 (a completion token is scored "
+                          "from the tokens before it)")
+    for key in ("max_prompt_length", "max_completion_length"):
+        if st[key] is not None and st[key] < 1:
+            raise ConfigError(f"--{key.replace('_', '-')} {st[key]}: must be at least 1")
+    length, prompt = st["max_length"], st["max_prompt_length"]
+    if length is None or prompt is None or prompt < length:
+        return
+    if given.get("max_prompt_length") is not None:  # train refuses the same (config.py)
+        raise ConfigError(f"--max-prompt-length {prompt} must be smaller than --max-length {length} (or leave it "
+                          "out: the prompt's share is then derived per pair, as train derives it)")
+    logging.getLogger(__name__).warning(
+        "%s: its max_prompt_length %d leaves no room for completions within max_length %d, so the prompt's share "
+        "is derived per pair as train derives it from max_length alone (--max-prompt-length sets it)", model, prompt,
+        length)
+    st["max_prompt_length"] = None
+
+
+def no_pairs_left(dataset: str, n_pairs: int, skipped: dict, st: dict) -> DataError:
+    """The one-line error for an evaluation left with no pair, naming why they went."""
+    counts = ", ".join(f"{k} {v}" for k, v in skipped.items())
+    if skipped and all(k in TRUNCATION_SKIPS for k in skipped):
+        share = ("derived per pair" if st["max_prompt_length"] is None
+                 else f"max_prompt_length {st['max_prompt_length']}")
+        return DataError(f"{dataset}: every one of its {n_pairs} pairs was dropped by truncation to max_length "
+                         f"{st['max_length']} ({share}): {counts}; raise --max-length")
+    return DataError(f"{dataset}: no pair left to evaluate: every one was skipped ({counts or 'no rows'})")
 
 
 def evaluate_path(
@@ -179,6 +228,7 @@ def evaluate_path(
     trust_remote_code=False,
     max_length=None,
     max_prompt_length=None,
+    max_completion_length=None,
     truncation_mode=None,
     batch_size=8,
     limit=None,
@@ -198,10 +248,17 @@ def evaluate_path(
     from .data import load_preference_data, tokenize_pairs
     from .models import load_model, load_tokenizer
 
-    given = dict(max_length=max_length, max_prompt_length=max_prompt_length, truncation_mode=truncation_mode,
+    given = dict(max_length=max_length, max_prompt_length=max_prompt_length,
+                 max_completion_length=max_completion_length, truncation_mode=truncation_mode,
                  data_format=data_format, chat_template=chat_template, columns=columns, winner_values=winner_values,
                  bf16=bf16, dtype=dtype, attn_implementation=attn_implementation)
     st = run_settings(model, given)
+    # checked before anything loads: a zero here would only fail deep inside the data loader or the sampler
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ConfigError(f"--batch-size {batch_size}: must be at least 1")
+    if limit is not None and limit < 1:
+        raise ConfigError(f"--limit {limit}: must be at least 1 (leave it out to evaluate every pair)")
+    settle_lengths(st, given, model)
     kw = dict(gguf_file=gguf_file, trust_remote_code=trust_remote_code)
     weights = dict(dtype=st["dtype"], attn_implementation=st["attn_implementation"])
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -212,12 +269,19 @@ def evaluate_path(
         data_format=st["data_format"], chat_template=st["chat_template"], winner_values=st["winner_values"],
     )
     ds = pdata.dataset
+    if len(ds) == 0:
+        raise no_pairs_left(dataset, pdata.n_rows, pdata.skipped, st)
     if rows is not None:
         wanted = set(rows)
         ds = ds.select([i for i, r in enumerate(ds["row_index"]) if r in wanted])
+        if len(ds) == 0:
+            raise DataError(f"{dataset}: none of the {len(wanted)} rows asked for is among its pairs")
     ds = ds if limit is None else ds.select(range(min(limit, len(ds))))
     tok, tok_skipped = tokenize_pairs(ds, tokenizer, max_length=st["max_length"], max_prompt_length=st["max_prompt_length"],
+                                      max_completion_length=st["max_completion_length"],
                                       truncation_mode=st["truncation_mode"])
+    if len(tok) == 0:
+        raise no_pairs_left(dataset, len(ds), tok_skipped, st)
     autocast = (lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if st["bf16"] else contextlib.nullcontext
     ref_model = None
     if reference:

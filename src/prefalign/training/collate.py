@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import torch
 
+from ..data.collate import PairCollator
+from ..errors import PrefalignError
 from ..modeling.packing import PrefixSharedCollator
 
 
@@ -37,3 +39,24 @@ def pad_cat(a: torch.Tensor, b: torch.Tensor, value: int) -> torch.Tensor:
     width = max(a.shape[1], b.shape[1])
     pad = lambda t: torch.nn.functional.pad(t, (0, width - t.shape[1]), value=value)  # noqa: E731
     return torch.cat([pad(a), pad(b)])
+
+
+def collator_settings(data_collator, prefix_sharing: bool | None) -> tuple[bool | None, int]:
+    """(prefix_sharing, pad id) that a `data_collator` given to the trainer stands for.
+
+    The trainer batches tokenized pairs itself (SPO samples, the reference pass, evaluation and the self-check
+    read its batches' keys), so it takes prefalign's own collators for their layout and pad id: `PairCollator`
+    is the unshared layout, `PrefixSharedCollator` the packed one. Any other collator (transformers'
+    DataCollatorWithPadding, TRL's DataCollatorForPreference, a subclass of ours) is refused: it would be
+    dropped or fail mid-run."""
+    kind = type(data_collator)
+    if kind not in (PairCollator, PrefixSharedCollator):
+        raise PrefalignError(f"data_collator: {kind.__name__} is not supported; prefalign batches the tokenized pairs "
+                             "itself: omit data_collator (pad_token sets the padding token) or pass "
+                             "prefalign.data.PairCollator / prefalign.modeling.PrefixSharedCollator")
+    packed = kind is PrefixSharedCollator
+    if prefix_sharing is not None and prefix_sharing != packed:
+        raise PrefalignError(f"data_collator: {kind.__name__} is the {'packed' if packed else 'unshared'} layout, and "
+                             f"prefix_sharing is {str(prefix_sharing).lower()}; pass the other collator or leave "
+                             "prefix_sharing unset")
+    return packed, data_collator.pad_token_id

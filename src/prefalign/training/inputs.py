@@ -8,7 +8,9 @@
 - `ref_model` a model object or name: the reference (precomputed from it by default, live with
   `reference: model`);
 - datasets raw, in any format prefalign reads (explicit, implicit transcripts, conversational, column-mapped),
-  or already tokenized by prefalign; a dict of eval datasets is kept as a dict.
+  or already tokenized by prefalign; a dict of eval datasets (a DatasetDict too) is kept as a dict. A
+  DatasetDict as train_dataset and a streamed IterableDataset are refused (`check_given`), as are loading
+  kwargs for a model that is already loaded.
 """
 
 from __future__ import annotations
@@ -57,6 +59,7 @@ def resolve_inputs(model, args: PreferenceConfig, *, processing_class=None, ref_
                    train_dataset=None, eval_dataset=None) -> TrainerInputs:
     from ..models import ensure_pad_token, load_tokenizer
 
+    check_given(model, args, ref_model=ref_model, train_dataset=train_dataset, eval_dataset=eval_dataset)
     if isinstance(model, str):
         if processing_class is None:
             processing_class = load_tokenizer(model, trust_remote_code=args.trust_remote_code, revision=args.model_revision)
@@ -92,6 +95,39 @@ def resolve_inputs(model, args: PreferenceConfig, *, processing_class=None, ref_
     else:
         eval_dataset = _prepared(eval_dataset, processing_class, args, "eval", report)
     return TrainerInputs(model, processing_class, ref_model, train_dataset, eval_dataset, report)
+
+
+def check_given(model, args: PreferenceConfig, *, ref_model, train_dataset, eval_dataset) -> None:
+    """What the trainer cannot honour, refused in one line before anything loads: loading kwargs for a model
+    that is already loaded (TRL 1.16 warns and ignores them), and dataset kinds prefalign does not read."""
+    # prefalign train loads model_name_or_path / ref_model_name_or_path with these kwargs and hands the objects over
+    if args.model_init_kwargs and not isinstance(model, str) and not args.model_name_or_path:
+        raise PrefalignError(f"model_init_kwargs: apply when model is given as a name, and it is a loaded "
+                             f"{type(model).__name__}; pass its name instead, or load it with these kwargs yourself")
+    if args.ref_model_init_kwargs and not isinstance(ref_model, str) and not args.ref_model_name_or_path:
+        what = "not given" if ref_model is None else f"a loaded {type(ref_model).__name__}"
+        raise PrefalignError(f"ref_model_init_kwargs: apply when ref_model is given as a name, and it is {what}; "
+                             "pass its name instead, or load it with these kwargs yourself")
+    _check_dataset(train_dataset, "train_dataset")
+    if isinstance(eval_dataset, dict):  # a DatasetDict too: one eval set per split, as TRL takes it (eval_{name}_…)
+        for key, dataset in eval_dataset.items():
+            _check_dataset(dataset, f"eval_dataset[{key!r}]")
+    else:
+        _check_dataset(eval_dataset, "eval_dataset")
+
+
+def _check_dataset(dataset, name: str) -> None:
+    import datasets
+
+    if isinstance(dataset, datasets.DatasetDict | datasets.IterableDatasetDict):
+        splits = list(dataset)
+        pick = "train" if "train" in splits or not splits else splits[0]
+        raise PrefalignError(f"{name}: a {type(dataset).__name__} (splits: {', '.join(splits) or 'none'}); "
+                             f"pass one split, e.g. {name}=ds[{pick!r}]")
+    if isinstance(dataset, datasets.IterableDataset):
+        raise PrefalignError(f"{name}: a streamed IterableDataset is not supported; prefalign reads and tokenizes every "
+                             "pair before training (skips counted, reference log-probs precomputed): pass a Dataset, "
+                             "e.g. Dataset.from_list(list(ds.take(n)))")
 
 
 def _prepared(dataset, tokenizer, args: PreferenceConfig, name: str, report: dict):
