@@ -50,3 +50,26 @@ def stories():
     from transformers import AutoTokenizer
 
     return AutoTokenizer.from_pretrained(str(shared_path("models", "stories260K")))
+
+
+@pytest.fixture(scope="module")
+def hh8(tmp_path_factory) -> Path:
+    """8 real HH-RLHF pairs whose completions differ and are not blank (4 steps per epoch at batch size 2)."""
+    import gzip
+    import json
+
+    from prefalign.data.formats import implicit_prompt
+
+    src = shared_path("data", "hh-rlhf", "helpful-base-test.jsonl.gz")
+    rows = []
+    with gzip.open(src, "rt", encoding="utf-8") as f:
+        for line in f:
+            r = json.loads(line)
+            p = implicit_prompt(r["chosen"], r["rejected"])
+            if p and r["chosen"] != r["rejected"] and r["chosen"][len(p) :].strip() and r["rejected"][len(p) :].strip():
+                rows.append(r)
+            if len(rows) == 8:
+                break
+    out = tmp_path_factory.mktemp("data") / "hh8.jsonl"
+    out.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return out

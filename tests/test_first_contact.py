@@ -41,7 +41,7 @@ def test_a_finished_run_is_not_overwritten_without_asking(pairs, tmp_path, capsy
     before = {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()}
     code, err = train(pairs, out, "--loss_type", "hinge", capsys=capsys)
     assert code != 0 and err[-1].startswith(f"prefalign: error: output_dir {out} holds a run (")
-    assert "--resume_from_checkpoint latest" in err[-1] and "--overwrite_output_dir true" in err[-1]
+    assert "that finished; replace it with --overwrite_output_dir true" in err[-1]
     assert {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()} == before  # untouched
     # Asked to overwrite, but the model path is wrong: the error comes before anything is deleted or written.
     code, err = train(pairs, out, "--loss_type", "hinge", "--overwrite_output_dir", "true",
@@ -72,7 +72,7 @@ def test_load_best_model_at_end_uses_ranking_accuracy(pairs, tmp_path, capsys):
     out = tmp_path / "run"
     code, err = train(pairs, out, "--eval_dataset", str(pairs), "--eval_strategy", "steps", "--eval_steps", "1",
                       "--save_strategy", "steps", "--save_steps", "1", "--max_steps", "2",
-                      "--load_best_model_at_end", "true", capsys=capsys)
+                      "--load_best_model_at_end", "true", "--loss_type", "amapo", capsys=capsys)
     assert code == 0, err
     state = json.loads(next(out.glob("checkpoint-*/trainer_state.json")).read_text())
     assert state["best_metric"] is not None and "checkpoint-" in state["best_model_checkpoint"]
@@ -108,7 +108,7 @@ def test_underscore_flags_work_in_every_command(pairs, tmp_path, capsys):
                      "--json"]) == 0
     capsys.readouterr()
     out = tmp_path / "run"
-    assert train(pairs, out, capsys=capsys)[0] == 0
+    assert train(pairs, out, "--loss_type", "amapo", capsys=capsys)[0] == 0
     assert cli_main(["eval", "--model", str(out), "--dataset", str(pairs), "--max_length", "48", "--batch_size", "2",
                      "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["settings"]["max_length"] == 48
@@ -121,7 +121,8 @@ def test_console_is_short_lines_and_a_summary_table(pairs, tmp_path, capsys):
     code = cli_main(["train", "--model_name_or_path", str(shared_path("models", "stories260K")), "--dataset",
                      str(pairs), "--eval_dataset", str(pairs), "--output_dir", str(out), "--use_cpu",
                      "--report_to", "none", "--save_strategy", "no", "--max_steps", "3", "--logging_steps", "10",
-                     "--per_device_train_batch_size", "2", "--max_length", "64", "--disable_tqdm", "true"])
+                     "--per_device_train_batch_size", "2", "--max_length", "64", "--disable_tqdm", "true",
+                     "--loss_type", "amapo"])
     text = capsys.readouterr().out
     assert code == 0
     steps = [line for line in text.splitlines() if line.startswith("step ")]
@@ -131,5 +132,5 @@ def test_console_is_short_lines_and_a_summary_table(pairs, tmp_path, capsys):
     code = cli_main(["train", "--model_name_or_path", str(shared_path("models", "stories260K")), "--dataset",
                      str(pairs), "--output_dir", str(tmp_path / "json"), "--use_cpu", "--report_to", "none",
                      "--save_strategy", "no", "--max_steps", "1", "--per_device_train_batch_size", "2",
-                     "--max_length", "64", "--disable_tqdm", "true", "--json"])
+                     "--max_length", "64", "--disable_tqdm", "true", "--json", "--loss_type", "amapo"])
     assert code == 0 and json.loads(capsys.readouterr().out.strip().splitlines()[-1])["global_step"] == 1

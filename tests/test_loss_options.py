@@ -5,6 +5,7 @@ mixing, and stateful losses (α-DPO, β-DPO) and a moved TR-DPO reference resumi
 from __future__ import annotations
 
 import math
+import shutil
 
 import pytest
 import torch
@@ -167,6 +168,9 @@ def test_a_resumed_run_continues_exactly(loss, extra, model_path, tokenizer, tmp
         assert f"{loss}/mean" in load_file(checkpoint / LOSS_STATE_FILE)
     else:
         assert (checkpoint / SYNCED_REFERENCE_FILE).is_file()
+    # as if the job had died after step 2's checkpoint: no later checkpoint, no summary of a finished run
+    shutil.rmtree(tmp_path / "whole" / "run" / "checkpoint-4")
+    (tmp_path / "whole" / "run" / "train_summary.json").unlink()
     resumed = _trainer(model_path, tokenizer, tmp_path / "resumed", **common)
     resumed.args.output_dir = str(tmp_path / "whole" / "run")  # continue the same run folder
     resumed.args.max_steps = 4

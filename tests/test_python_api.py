@@ -187,7 +187,7 @@ def test_a_script_does_not_write_over_a_run_without_asking(tokenizer, tmp_path):
 
     trainer().train()
     metrics = (tmp_path / "run" / "metrics.jsonl").read_text()
-    with pytest.raises(PrefalignError, match=r"holds a run .*--resume_from_checkpoint latest.*--overwrite_output_dir true"):
+    with pytest.raises(PrefalignError, match=r"holds a run .* that finished; replace it with --overwrite_output_dir true"):
         trainer().train()
     assert (tmp_path / "run" / "metrics.jsonl").read_text() == metrics  # untouched
     trainer(overwrite_output_dir=True).train()

@@ -18,6 +18,9 @@ writer (`training/`, `evaluate.py`) and the readers (`analysis/`, `cli/`) use, s
       trained_pairs.jsonl       per optimizer step: the rows trained on (TRAINED_PAIRS_FILE)
       eval_trained_pairs.json   ranking accuracy on the pairs trained on (TRAIN_EVAL_FILE; prefalign sweep)
       eval_trained_pairs_per_pair.jsonl                                (TRAIN_EVAL_PER_PAIR_FILE)
+      resumed_settings.jsonl    per resume: the step it continued from and what changed (SETTINGS_HISTORY_FILE)
+      prefalign_files.json      the names the final save wrote (model, tokenizer): what an overwrite removes
+      .prefalign.lock           while a process writes into the folder: which one (LOCK_FILE, run_lock.py)
       checkpoint-N/, model and tokenizer files (transformers'), spo_head.* (with SPO);
       in a checkpoint also loss_state.safetensors (α-DPO/β-DPO) and reference_model.safetensors (TR-DPO)
 
@@ -54,6 +57,9 @@ TRAIN_EVAL_FILE = "eval_trained_pairs.json"
 TRAIN_EVAL_PER_PAIR_FILE = "eval_trained_pairs_per_pair.jsonl"
 LOSS_STATE_FILE = "loss_state.safetensors"  # in a checkpoint: stateful losses' running statistics
 SYNCED_REFERENCE_FILE = "reference_model.safetensors"  # in a checkpoint: the TR-DPO reference's weights
+SETTINGS_HISTORY_FILE = "resumed_settings.jsonl"  # {"from_step", "changed": {key: {"was", "now"}}} per resume
+MANIFEST_FILE = "prefalign_files.json"  # {"written": [name, ...]}: files of the final save (names vary by model)
+LOCK_FILE = ".prefalign.lock"  # who writes into the folder now (run_lock.RunLock); removed when it ends
 INTERRUPTED_EXIT_CODE = 143  # 128 + SIGTERM, what a shell reports for a job stopped by SIGTERM
 
 # What makes a folder hold a run: a new run is not started over it without an explicit request.
@@ -91,14 +97,22 @@ def read_json_object(path) -> dict:
     return obj
 
 
-def read_jsonl(path) -> list[dict]:
+def read_jsonl(path, *, torn_tail: list | None = None) -> list[dict]:
+    """One JSON object per line. With `torn_tail` (a list), a last line cut off mid-write (no final newline, not
+    JSON: a process killed while appending) is skipped and its line number appended to the list instead of
+    being an error; a bad line anywhere else is still an error."""
     rows = []
-    for lineno, line in enumerate(_read_text(path).splitlines(), start=1):
+    text = _read_text(path)
+    lines = text.splitlines()
+    for lineno, line in enumerate(lines, start=1):
         if not line.strip():
             continue
         try:
             obj = json.loads(line)
         except json.JSONDecodeError as e:
+            if torn_tail is not None and lineno == len(lines) and not text.endswith("\n"):
+                torn_tail.append(lineno)
+                continue
             raise PrefalignError(f"{path}:{lineno}: invalid JSON ({e.msg} at column {e.colno})") from None
         if not isinstance(obj, dict):
             raise PrefalignError(f"{path}:{lineno}: expected a JSON object, got {_json_type(obj)}")
@@ -106,10 +120,21 @@ def read_jsonl(path) -> list[dict]:
     return rows
 
 
-def read_metrics(path) -> list[dict]:
-    """metrics.jsonl (a path to the file or to its run folder)."""
+def read_metrics(path, *, torn_tail: list | None = None) -> list[dict]:
+    """metrics.jsonl (a path to the file or to its run folder). A last line cut off by a kill is skipped with a
+    warning (and its number appended to `torn_tail` when given): the steps before it are whole."""
+    import logging
+
     path = Path(path)
-    return read_jsonl(path / METRICS_FILE if path.is_dir() else path)
+    path = path / METRICS_FILE if path.is_dir() else path
+    torn: list = []
+    rows = read_jsonl(path, torn_tail=torn)
+    if torn:
+        logging.getLogger(__name__).warning("%s: line %d is cut off (a run killed while writing it); skipped",
+                                            path, torn[0])
+        if torn_tail is not None:
+            torn_tail.extend(torn)
+    return rows
 
 
 def trained_rows(run_dir) -> list[int] | None:
@@ -151,27 +176,6 @@ def run_files_in(folder) -> list[str]:
         return []
     names = sorted(p.name for p in folder.iterdir())
     return [n for n in names if n in RUN_MARKERS or n.startswith("checkpoint-")]
-
-
-def claim_run_folder(folder, *, resume, overwrite: bool) -> list[str]:
-    """The run already in `folder` (names, as `run_files_in`); PrefalignError when there is one and the caller
-    neither resumes nor asked to overwrite it. Nothing is deleted here (`clear_run_folder`, once inputs passed)."""
-    existing = run_files_in(folder)
-    if existing and not resume and not overwrite:
-        raise PrefalignError(
-            f"output_dir {folder} holds a run ({', '.join(existing[:4])}); continue it with --resume_from_checkpoint "
-            "latest, replace it with --overwrite_output_dir true, or choose another output_dir"
-        )
-    return existing
-
-
-def clear_run_folder(folder) -> None:
-    """overwrite_output_dir: the old run's files go first, so none of them is mixed into the new run."""
-    import logging
-    import shutil
-
-    shutil.rmtree(folder)
-    logging.getLogger(__name__).warning("overwrite_output_dir: removed the run that was in %s", folder)
 
 
 def bench_result_path(run_dir, benchmark: str, score: str) -> Path:

@@ -154,7 +154,11 @@ def load_run(path: str | Path) -> Run:
     metrics = path / METRICS_FILE
     if not metrics.is_file():
         raise PrefalignError(f"{metrics}: not found — is {path} a prefalign training output_dir?")
-    run = Run(path=path, config={}, rows=read_jsonl(metrics))
+    torn: list = []
+    run = Run(path=path, config={}, rows=read_jsonl(metrics, torn_tail=torn))
+    if torn:
+        run.notes.append(f"{METRICS_FILE} line {torn[0]} is cut off (the run was killed while writing it) and is "
+                         "skipped")
     if not run.rows:
         run.notes.append(f"{METRICS_FILE} has no rows")
     repeated = _repeated_steps(run.rows)

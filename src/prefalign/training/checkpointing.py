@@ -14,6 +14,7 @@ so the run ends normally (exit status 0) and `--resume_from_checkpoint latest` c
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import re
@@ -25,6 +26,8 @@ from pathlib import Path
 import torch
 from transformers import TrainerCallback
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, rotate_checkpoints
+
+from ..errors import PrefalignError
 
 log = logging.getLogger(__name__)
 
@@ -46,6 +49,55 @@ def remove_staging_leftovers(run_dir: str | os.PathLike) -> list[str]:
             shutil.rmtree(path, ignore_errors=True)
             removed.append(name)
     return removed
+
+
+def _bytes(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if n < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n} B"
+
+
+def free_bytes(folder) -> int:
+    path = Path(folder).resolve()
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    return shutil.disk_usage(path).free
+
+
+def save_bytes(model, optimizer=None, *, adapters_only: bool = False) -> int:
+    """About what a save of `model` (and, in a checkpoint, the optimizer's state) writes: every tensor once."""
+    seen, total = set(), 0
+    tensors = [p for p in model.parameters() if p.requires_grad or not adapters_only]
+    if not adapters_only:
+        tensors += list(model.buffers())
+    if optimizer is not None:
+        tensors += [t for state in optimizer.state.values() for t in state.values() if torch.is_tensor(t)]
+    for t in tensors:
+        key = (t.data_ptr(), t.numel())
+        if key not in seen:
+            seen.add(key)
+            total += t.numel() * t.element_size()
+    return total
+
+
+def ensure_free_space(folder, needed: int, what: str) -> None:
+    """One line before a save that cannot fit, instead of a half-written file and a library's traceback."""
+    needed = int(needed * 1.05) + (8 << 20)  # file headers, RNG/scheduler states, JSON: a small margin
+    free = free_bytes(folder)
+    if free < needed:
+        raise PrefalignError(f"{folder}: not enough free disk space for {what}: it needs about {_bytes(needed)}, "
+                             f"{_bytes(free)} is free; free some space (or set save_total_limit) and run again")
+
+
+def is_disk_full(error: BaseException) -> bool:
+    """ENOSPC as the libraries report it: an OSError, safetensors' "os error 28", torch's zip writer."""
+    if isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT):
+        return True
+    text = str(error)
+    return any(s in text for s in ("os error 28", "No space left", "Disk quota exceeded", "unexpected pos",
+                                   "file write failed"))
 
 
 def _fsync_path(path: str, directory: bool = False) -> None:
@@ -118,10 +170,21 @@ class CrashSafeCheckpointing:
             removed = remove_staging_leftovers(run_dir)
             if removed:
                 log.info("removed unfinished checkpoint folders left by an interrupted save: %s", ", ".join(removed))
+        # every process checks (each writes its RNG state, and none may wait at the barrier below for one that stopped)
+        adapters = hasattr(self.accelerator.unwrap_model(self.model), "peft_config")
+        ensure_free_space(run_dir, save_bytes(self.model, self.optimizer, adapters_only=adapters), name)
         self.accelerator.wait_for_everyone()
         self._checkpoint_staging = staging
         try:
             super()._save_checkpoint(model, trial)
+        except Exception as e:
+            if writer:
+                shutil.rmtree(staging, ignore_errors=True)  # never leave half a checkpoint filling the disk
+            if is_disk_full(e):
+                raise PrefalignError(f"{final}: the disk filled up while saving ({e.__class__.__name__}); the "
+                                     f"unfinished checkpoint was removed, {_bytes(free_bytes(run_dir))} is free; free "
+                                     "space and continue with --resume_from_checkpoint latest") from None
+            raise
         finally:
             self._checkpoint_staging = None
         self.accelerator.wait_for_everyone()  # every rank has written its files into the staging folder

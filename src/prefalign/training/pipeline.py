@@ -12,22 +12,22 @@ from pathlib import Path
 
 from ..config import PreferenceConfig
 from ..errors import PrefalignError
-from ..run_files import (
-    BEFORE_FILE,
-    BEFORE_PER_PAIR_FILE,
-    CONFIG_FILE,
-    DATA_REPORT_FILE,
-    EVAL_FILE,
-    PER_PAIR_FILE,
-    SUMMARY_FILE,
-    claim_run_folder,
-    clear_run_folder,
-    write_json,
+from ..run_files import BEFORE_FILE, BEFORE_PER_PAIR_FILE, write_json
+from .run_folder import (
+    check_not_an_input,
+    check_resume,
+    finish_records,
+    holding_lock,
+    plan_start,
+    recording_writes,
+    report_skips,
+    resolve_resume,
+    run_summary,
+    write_start_records,
+    write_summary,
 )
-from .checkpointing import SigtermCheckpoint
 
 log = logging.getLogger(__name__)
-
 
 
 @dataclass
@@ -130,39 +130,39 @@ def build_trainer(cfg: PreferenceConfig, model, tokenizer, data: PreparedData):
 def train(cfg: PreferenceConfig, *, evaluate_before: bool = False) -> dict:
     """Train, save the final model and tokenizer in cfg.output_dir, evaluate; returns a summary dict.
 
-    With `evaluate_before`, the eval set is also scored before the first step (summary["eval_before"])."""
-    from ..evaluate import summarize, write_per_pair
-
+    With `evaluate_before`, the eval set is also scored before the first step (summary["eval_before"]).
+    What the run may do with its folder (start, restart, resume, replace) is `run_folder.py`'s business; the
+    folder is locked against a second writer from the first check to the last record."""
     out = Path(cfg.output_dir)
     if out.exists() and not out.is_dir():
         raise PrefalignError(f"output_dir {out}: exists and is not a folder")
-    resume = cfg.resume_from_checkpoint
-    if isinstance(resume, str) and resume.lower() == "latest":
-        from transformers.trainer_utils import get_last_checkpoint
-
-        resume = get_last_checkpoint(str(out)) if out.is_dir() else None
-        if resume is None:
-            raise PrefalignError(f"resume_from_checkpoint latest: no checkpoint-N folder in {out}")
-    elif resume and not Path(resume).is_dir():
-        raise PrefalignError(f"resume_from_checkpoint {resume}: no such checkpoint folder")
-    existing = claim_run_folder(out, resume=resume, overwrite=cfg.overwrite_output_dir)
     if cfg.eval_strategy != "no" and not cfg.eval_dataset:
         strategy = getattr(cfg.eval_strategy, "value", cfg.eval_strategy)
         raise PrefalignError(f"eval_strategy {strategy}: needs an eval_dataset (or eval_strategy: no)")
+    check_not_an_input(out, cfg)
+    with holding_lock(out, "train", cfg):
+        return _train_locked(cfg, out, evaluate_before)
+
+
+def _train_locked(cfg: PreferenceConfig, out: Path, evaluate_before: bool) -> dict:
+    from ..evaluate import summarize, write_per_pair
+
+    resume = resolve_resume(out, cfg.resume_from_checkpoint)
+    plan = plan_start(out, resume=resume, overwrite=cfg.overwrite_output_dir)
     # Every input is checked before anything is written: tokenizer and data first (a data error shows before
     # minutes of model loading), then the model and the trainer (its start-up self-check).
     tokenizer = load_tokenizer_for(cfg)
     data = prepare_data(cfg, tokenizer)
     model, tokenizer = load_policy(cfg, tokenizer)
     trainer = build_trainer(cfg, model, tokenizer, data)
+    # compared once the trainer has settled what "auto" means (prefix_sharing), as the run recorded it
+    resume_entry = check_resume(out, resume, cfg.prefalign_dict(), data.report,
+                                allow_changes=cfg.resume_with_changed_settings) if resume else {}
     if trainer.is_world_process_zero():
-        if existing and not resume:
-            clear_run_folder(out)
-        out.mkdir(parents=True, exist_ok=True)
-        write_json(out / CONFIG_FILE, cfg.prefalign_dict())
-        write_json(out / DATA_REPORT_FILE, data.report)
+        write_start_records(out, cfg, data.report, plan, resume_entry)
     trainer.accelerator.wait_for_everyone()
     trainer.run_folder_claimed = True  # checked above, before our own files were written
+    report_skips(data.report)
 
     before = None
     if evaluate_before and data.eval is not None:
@@ -174,34 +174,13 @@ def train(cfg: PreferenceConfig, *, evaluate_before: bool = False) -> dict:
 
     t0 = time.time()
     result = trainer.train(resume_from_checkpoint=resume)
-    train_seconds = time.time() - t0
-    summary = {"output_dir": str(out), "global_step": trainer.state.global_step, "train_seconds": train_seconds,
-               "train_loss": result.training_loss, "data": data.report}
-    if trainer.reference_info:
-        summary["reference"] = trainer.reference_info
+    summary = run_summary(trainer, out, result, time.time() - t0, data.report)
     if before is not None:
         summary["eval_before"] = before
-    stopped = next((c.stopped_at_step for c in trainer.callback_handler.callbacks if isinstance(c, SigtermCheckpoint)),
-                   None)
-    if stopped is not None:
-        # Interrupted: the checkpoint holds the state; no final model or held-out results that look finished.
-        summary.update(interrupted=True, checkpoint=str(out / f"checkpoint-{stopped}"))
-        if trainer.is_world_process_zero():
-            write_json(out / SUMMARY_FILE, summary)
-        return summary
+    if summary.get("interrupted"):
+        return write_summary(trainer, out, summary)
     trainer.save_model(str(out))
     if trainer.is_world_process_zero():
-        tokenizer.save_pretrained(str(out))
-    if data.eval is not None:
-        records, confusion = trainer.final_eval()
-        ev = summarize(records)
-        if confusion is not None:
-            ev["spo_accuracy"] = sum(confusion[k][k] for k in range(len(confusion))) / max(1, sum(map(sum, confusion)))
-            ev["spo_confusion"] = confusion  # rows: true degree, columns: predicted
-        summary["eval"] = ev
-        if trainer.is_world_process_zero():
-            write_json(out / EVAL_FILE, ev)
-            write_per_pair(records, out / PER_PAIR_FILE)
-    if trainer.is_world_process_zero():
-        write_json(out / SUMMARY_FILE, summary)
-    return summary
+        with recording_writes(out):
+            tokenizer.save_pretrained(str(out))
+    return finish_records(trainer, out, summary)

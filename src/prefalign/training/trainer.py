@@ -33,13 +33,9 @@ from ..modeling import (
 from ..modeling.packing import PrefixSharedCollator, packed_inputs, prefix_shared_logps
 from ..modeling.sequence_weights import length_desensitized, wpo_weights
 from ..run_files import (
-    CONFIG_FILE,
     SHARE_CORRECT,
     SHARE_MISRANKED,
     SKIPPED_PREFIX,
-    claim_run_folder,
-    clear_run_folder,
-    write_json,
 )
 from ..spo import SPOCollator, SPOHead, all_degree_packed, all_degree_rows, spo_loss
 from .callbacks import (
@@ -50,12 +46,33 @@ from .callbacks import (
     SPOHeadGradSync,
     TrainedPairsFile,
 )
-from .checkpointing import CrashSafeCheckpointing, SigtermCheckpoint
-from .collate import TrainingCollator, pad_cat
+from .checkpointing import (
+    CrashSafeCheckpointing,
+    SigtermCheckpoint,
+    ensure_free_space,
+    is_disk_full,
+    save_bytes,
+)
+from .collate import TrainingCollator, collator_settings, pad_cat
 from .console import Console
 from .datasets import TOKENIZED_COLUMNS, add_length_column
 from .distributed import gather_variable, local_offset
+from .evaluation import (
+    LOSS,
+    REWARD_CHOSEN,
+    REWARD_REJECTED,
+    WPO_WEIGHT,
+    check_best_metric,
+    check_trainer_kwargs,
+    has_objective,
+    missing_best_metric,
+    no_objective_reason,
+    numeric,
+    objective_metrics,
+    user_metrics,
+)
 from .inputs import frozen_copy, resolve_inputs
+from .run_folder import check_writable, recording_writes
 from .run_state import (
     SyncReference,
     check_same_architecture,
@@ -82,15 +99,19 @@ class PreferenceTrainer(CrashSafeCheckpointing, Trainer):
     def __init__(self, model, args: PreferenceConfig | None = None, data_collator=None, train_dataset=None,
                  eval_dataset=None, processing_class=None, ref_model=None, peft_config=None, **kwargs):
         args = args if args is not None else PreferenceConfig(output_dir="prefalign-output")
+        check_writable(args.output_dir)  # before anything loads (transformers would fail later, with a traceback)
+        # What would otherwise be taken and never used is refused before minutes of loading and tokenizing.
+        check_trainer_kwargs(args, kwargs)
+        check_best_metric(args, eval_dataset, kwargs.get("compute_metrics"))
+        pad = None
+        if data_collator is not None:  # prefalign's own collators: their layout and pad id
+            args.prefix_sharing, pad = collator_settings(data_collator, args.prefix_sharing)
         given = resolve_inputs(model, args, processing_class=processing_class, ref_model=ref_model,
                                peft_config=peft_config, train_dataset=train_dataset, eval_dataset=eval_dataset)
         model, ref_model, self.data_report = given.model, given.ref_model, given.data_report
         args.prefix_sharing = resolve_prefix_sharing(args.prefix_sharing, model)  # None: on where it is exact
-        if data_collator is None:
-            pad = usable_pad_id(model, given.tokenizer)
-            data_collator = PrefixSharedCollator(pad) if args.prefix_sharing else PairCollator(pad)
-        elif args.prefix_sharing and not isinstance(data_collator, PrefixSharedCollator):
-            data_collator = PrefixSharedCollator(data_collator.pad_token_id)
+        pad = usable_pad_id(model, given.tokenizer) if pad is None else pad
+        data_collator = PrefixSharedCollator(pad) if args.prefix_sharing else PairCollator(pad)
         train_dataset, eval_dataset = given.train_dataset, given.eval_dataset
         if args.train_sampling_strategy == "group_by_length":
             def grouped(ds):
@@ -148,6 +169,7 @@ class PreferenceTrainer(CrashSafeCheckpointing, Trainer):
             self.add_callback(ReferencePass(self))
         self._metrics = {"train": defaultdict(list), "eval": defaultdict(list)}
         self._alloc = {"train": [0.0, 0.0], "eval": [0.0, 0.0]}  # gradient weight on correct / all pairs
+        self._warned_no_objective: set[str] = set()  # eval sets told once that they get no eval_loss
         self._skipped = defaultdict(int)
         self._rows_since_step: set[int] = set()
         self._trained_rows: list[int] = []  # rows of this optimizer step, in order (TrainedPairsFile writes them)
@@ -162,20 +184,48 @@ class PreferenceTrainer(CrashSafeCheckpointing, Trainer):
         self.run_folder_claimed = False  # prefalign train checks it before writing its files; scripts at train()
 
     def train(self, resume_from_checkpoint=None, **kwargs):
-        """As transformers' train, but an output_dir that holds a run is refused unless resumed or
-        overwrite_output_dir (then the old run is deleted first): a run folder is a record."""
-        if not self.run_folder_claimed:
-            resume = resume_from_checkpoint or self.args.resume_from_checkpoint
-            existing = claim_run_folder(self.args.output_dir, resume=resume, overwrite=self.args.overwrite_output_dir)
-            if existing and not resume and self.is_world_process_zero():
-                clear_run_folder(self.args.output_dir)
-            if self.is_world_process_zero() and not resume:
-                # what the run was (loss, hyperparameters) for `compare` and `eval`, as prefalign train writes it
-                os.makedirs(self.args.output_dir, exist_ok=True)
-                write_json(os.path.join(self.args.output_dir, CONFIG_FILE), self.args.prefalign_dict())
+        """As transformers' train, with the run folder kept a record as `prefalign train` keeps it
+        (`run_folder.py`): an output_dir holding a run is continued, restarted or replaced only as its rules
+        allow, under a lock against a second writer; the run writes prefalign_config.json and data_report.json
+        first, and train_summary.json (with eval_results.json and eval_per_pair.jsonl when there is an eval set)
+        at the end. `prefalign train` claims the folder itself before calling this."""
+        if self.run_folder_claimed:
+            return super().train(resume_from_checkpoint=resume_from_checkpoint, **kwargs)
+        import time
+
+        from .run_folder import (
+            check_not_an_input,
+            check_resume,
+            finish_records,
+            holding_lock,
+            plan_start,
+            report_skips,
+            resolve_resume,
+            run_summary,
+            write_start_records,
+            write_summary,
+        )
+
+        a = self.args
+        check_not_an_input(a.output_dir, a)
+        with holding_lock(a.output_dir, "train", a):
+            resume = resolve_resume(a.output_dir, resume_from_checkpoint or a.resume_from_checkpoint)
+            plan = plan_start(a.output_dir, resume=resume, overwrite=a.overwrite_output_dir)
+            entry = check_resume(a.output_dir, resume, a.prefalign_dict(), self.data_report,
+                                 allow_changes=a.resume_with_changed_settings) if resume else {}
+            if self.is_world_process_zero():
+                write_start_records(a.output_dir, a, self.data_report, plan, entry)
             self.accelerator.wait_for_everyone()
             self.run_folder_claimed = True
-        return super().train(resume_from_checkpoint=resume_from_checkpoint, **kwargs)
+            report_skips(self.data_report)
+            t0 = time.time()
+            result = super().train(resume_from_checkpoint=resume, **kwargs)
+            summary = run_summary(self, a.output_dir, result, time.time() - t0, self.data_report)
+            if summary.get("interrupted"):
+                write_summary(self, a.output_dir, summary)
+            else:
+                finish_records(self, a.output_dir, summary)
+        return result
 
     def _self_check(self):
         """Two pairs scored by the fast path (packed when prefix sharing is on) and by the model's own logits,
@@ -223,12 +273,21 @@ class PreferenceTrainer(CrashSafeCheckpointing, Trainer):
         return self.accelerator.autocast() if self.args.bf16 or self.args.fp16 else contextlib.nullcontext()
 
     # -- reference log-probs --------------------------------------------------------------------------
-    def prepare_reference(self, *, resuming: bool = False) -> None:
-        """Reference log-probs of the train and eval pairs (reference: precomputed), once per run; see
-        `reference.py`. The reference is `ref_model` when one was given, else the policy before training."""
-        if self.ref_mode != "precomputed" or "train" in self._ref_tables:
+    def prepare_reference(self, *, resuming: bool = False, steps: int | None = None) -> None:
+        """Reference log-probs (reference: precomputed) of the train pairs the run goes through — the first
+        `steps` optimizer steps' batches (when training begins, the trainer's max_steps; before, the config's) —
+        and of every eval pair; see `reference.py`. The reference is `ref_model` when one was given, else the
+        policy before training."""
+        if self.ref_mode != "precomputed":
             return
-        from .reference import LazyLoader, reference_table
+        from .reference import reference_table, reload_policy
+
+        batches = self._reference_batches(steps)
+        have = self._ref_tables.get("train")
+        if have is not None and (have.batches is None or (batches is not None and have.batches >= batches)):
+            if steps is not None:
+                self.ref_model = None  # training begins: no second model in memory while training
+            return
 
         model = self.ref_model if self.ref_model is not None else self.model_wrapped
         packed = self.args.prefix_sharing and (self.ref_model is None or self._ref_packed)
@@ -243,20 +302,42 @@ class PreferenceTrainer(CrashSafeCheckpointing, Trainer):
                                                          "dataloader_drop_last", "torch_compile")}}
         kw = dict(output_dir=a.output_dir, settings=settings, accelerator=self.accelerator, packed=packed,
                   autocast=self.autocast_smart_context_manager, cache_dir=a.ref_cache_dir, resuming=resuming,
-                  is_main=self.is_world_process_zero())
-        loaders = {"train": (self.train_dataset, self.get_train_dataloader)}
+                  is_main=self.is_world_process_zero(), progress_bar=not a.disable_tqdm)
+        loaders = {"train": (self.train_dataset, self.get_train_dataloader)} if self.train_dataset is not None else {}
         evals = self.eval_dataset if isinstance(self.eval_dataset, dict) else {None: self.eval_dataset}
         for dataset in evals.values():
             if dataset is not None:
                 loaders[self._split_of(dataset)] = (dataset, lambda d=dataset: self.get_eval_dataloader(d))
+
+        def original():  # on resume, what scores rows the run folder lacks (its key is checked against them)
+            return self.ref_model if self.ref_model is not None else reload_policy(self.model, self.accelerator)
+
         for split, (dataset, make_loader) in loaders.items():
-            # The loader is built lazily inside only when the values must be computed.
-            table, info = reference_table(model, LazyLoader(make_loader), dataset, self.data_collator.collator,
-                                          split=split, **kw)
+            if split != "train" and split in self._ref_tables:
+                continue
+            # The loader is built inside only when some rows must be scored.
+            table, info = reference_table(model, make_loader, dataset, self.data_collator.collator, split=split,
+                                          batches=batches if split == "train" else None, training=split == "train",
+                                          batch_size=a.per_device_train_batch_size if split == "train"
+                                          else a.per_device_eval_batch_size, original=original, **kw)
             self._ref_tables[split] = table
-            self.reference_info.append(info)
-        if self.ref_model is not None:
-            self.ref_model = None  # precomputed: no second model in memory while training
+            self.reference_info = [i for i in self.reference_info if i["split"] != split] + [info]
+        if self.ref_model is not None and (steps is not None or resuming):
+            # precomputed: no second model in memory while training (kept until then: a call before training
+            # covers the steps the config asks for, and train() may ask for more)
+            self.ref_model = None
+
+    def _reference_batches(self, steps: int | None) -> int | None:
+        """Train batches per process the run goes through (steps × gradient accumulation), or None for every
+        batch: when the steps are not known (an epoch count before training) or the sampler is not seeded (a
+        second iteration would draw other batches)."""
+        a = self.args
+        steps = steps if steps is not None else (a.max_steps if a.max_steps > 0 else None)
+        strategy = getattr(a, "train_sampling_strategy", "random")
+        seeded = strategy == "sequential" or (
+            strategy == "random" and not getattr(a, "group_by_length", False)
+            and self.accelerator.dataloader_config.use_seedable_sampler)
+        return steps * a.gradient_accumulation_steps if steps is not None and steps > 0 and seeded else None
 
     def reference_logps(self, model, batch: dict) -> tuple[torch.Tensor, torch.Tensor] | None:
         """Summed and per-token mean reference log-probs, [2B] each (chosen then rejected), or None."""
@@ -293,15 +374,34 @@ class PreferenceTrainer(CrashSafeCheckpointing, Trainer):
             lp = sequence_logps(model, ids, mask, labels, with_hidden_mean=True, with_sum_sq=wpo, n_scored=2 * b)
         else:
             lp = sequence_logps(model, batch["input_ids"], batch["attention_mask"], batch["labels"], with_sum_sq=wpo)
-        sums, means = (lp.sum, lp.mean) if a.ld_alpha is None else length_desensitized(lp, a.ld_alpha)
         refs = self.reference_logps(model, batch)  # (sums, means) or None
         if refs is None and self.ref_mode != "none":
             raise PrefalignError("reference=precomputed but the batch carries no reference log-probs")
+        loss, out, extra, _ = self.loss_of_logps(model, batch, lp, refs)
+        n_spo = self._global_spo_samples(batch) if self.spo_head is not None and model.training else None
+        if spo:
+            aux, spo_metrics = spo_loss(self.spo_head, lp.hidden_mean[batch["spo_source"]], batch["spo_degrees"])
+            if n_spo is not None:
+                # The mean over every process's samples (ranks may draw different numbers of them), as one
+                # process would take it: DDP/FSDP average the gradients over processes, hence the factor.
+                aux = aux * len(batch["spo_degrees"]) * self.accelerator.num_processes / n_spo
+            loss = loss + a.spo_weight * aux
+            extra.update(spo_metrics)
+        return loss, out, extra
+
+    def loss_of_logps(self, model, batch: dict, lp, refs):
+        """The preference terms (Σ w_k · mean ℓ_k) and the SFT term of a batch from the policy's log-probs `lp`
+        and the reference's `refs` ((sums, means) or None): (loss, the first loss's output, its metrics, per-pair
+        fields [B] for evaluation: Σ w_k · ℓ_k, the first loss's rewards and, with WPO, the pair weights)."""
+        b = batch["row_index"].shape[0]
+        a = self.args
+        wpo = a.use_weighting
+        sums, means = (lp.sum, lp.mean) if a.ld_alpha is None else length_desensitized(lp, a.ld_alpha)
         weights = wpo_weights(lp, clamp=a.wpo_clamp) if wpo else None
         side = {"chosen_lengths": lp.n_tokens[:b], "rejected_lengths": lp.n_tokens[b:],
                 "chosen_scores": batch.get("chosen_scores"), "rejected_scores": batch.get("rejected_scores")}
         terms = [(n, w) for n, w in a.loss_terms() if n != SFT]
-        loss, out, extra = 0.0, None, {}
+        loss, out, extra, per_pair = 0.0, None, {}, 0.0
         for name, weight in terms:  # total = Σ w_k · mean ℓ_k, as TRL combines a list of loss types
             spec = LOSSES[name]
             used = means if spec.length_normalized else sums
@@ -319,6 +419,7 @@ class PreferenceTrainer(CrashSafeCheckpointing, Trainer):
             if spec.stateful and model.training:
                 self.loss_state[name] = term.state  # evaluation never moves the running statistics
             loss = loss + weight * term.losses.mean()
+            per_pair = per_pair + weight * term.losses.detach()
             if out is None:  # the first loss's metrics (rewards/*, grad/share_*) describe the run, as one loss
                 out = term
                 extra = {"logps/chosen": used[:b].detach().mean(), "logps/rejected": used[b:].detach().mean()}
@@ -333,16 +434,11 @@ class PreferenceTrainer(CrashSafeCheckpointing, Trainer):
                 nll = -lp.sum[:b].sum() / lp.n_tokens[:b].sum().clamp(min=1)
                 loss = loss + sft * (nll * weights.mean() if weighted else nll)
                 extra["sft_loss"] = nll.detach()
-        n_spo = self._global_spo_samples(batch) if self.spo_head is not None and model.training else None
-        if spo:
-            aux, spo_metrics = spo_loss(self.spo_head, lp.hidden_mean[batch["spo_source"]], batch["spo_degrees"])
-            if n_spo is not None:
-                # The mean over every process's samples (ranks may draw different numbers of them), as one
-                # process would take it: DDP/FSDP average the gradients over processes, hence the factor.
-                aux = aux * len(batch["spo_degrees"]) * self.accelerator.num_processes / n_spo
-            loss = loss + a.spo_weight * aux
-            extra.update(spo_metrics)
-        return loss, out, extra
+        # (sft alone is refused by the config: there is always a first preference loss)
+        pairs = {LOSS: per_pair, REWARD_CHOSEN: out.rewards_chosen, REWARD_REJECTED: out.rewards_rejected}
+        if weights is not None:
+            pairs[WPO_WEIGHT] = weights
+        return loss, out, extra, pairs
 
     def _global_spo_samples(self, batch: dict) -> int:
         """SPO samples of this micro-batch over all processes (every rank takes part, with 0 if it has none)."""
@@ -362,8 +458,22 @@ class PreferenceTrainer(CrashSafeCheckpointing, Trainer):
         return optimizer
 
     def _save(self, output_dir: str | None = None, state_dict=None):
-        super()._save(output_dir, state_dict=state_dict)
         folder = output_dir or self.args.output_dir
+        final = os.path.abspath(folder) == os.path.abspath(self.args.output_dir)
+        if not final:  # a checkpoint: CrashSafeCheckpointing checks the space and cleans up a failed save
+            super()._save(output_dir, state_dict=state_dict)
+        else:
+            adapters = hasattr(self.accelerator.unwrap_model(self.model), "peft_config")
+            ensure_free_space(folder, save_bytes(self.model, adapters_only=adapters), "the final model")
+            try:
+                with recording_writes(folder):  # the names an overwrite will remove, whatever the model writes
+                    super()._save(output_dir, state_dict=state_dict)
+            except Exception as e:
+                if is_disk_full(e):
+                    raise PrefalignError(f"{folder}: the disk filled up while saving the final model "
+                                         f"({e.__class__.__name__}); its files there are incomplete; free space "
+                                         "and save again (the checkpoints are whole)") from None
+                raise
         if self.spo_head is not None and self.args.should_save:
             self.spo_head.save(folder)
         if self.args.should_save and os.path.basename(os.path.normpath(folder)).startswith(PREFIX_CHECKPOINT_DIR):
@@ -468,20 +578,26 @@ class PreferenceTrainer(CrashSafeCheckpointing, Trainer):
             metrics = {}
             for name, dataset in datasets.items():
                 metrics.update(self.evaluate(dataset, ignore_keys, f"{metric_key_prefix}_{name}"))
+            if eval_dataset is None and metric_key_prefix == "eval":
+                missing_best_metric(self.args, metrics)
             return metrics
         records = self.score(eval_dataset)
-        summary = summarize(records)
-        metrics = {
-            f"{metric_key_prefix}_{k}": v
-            for k, v in summary.items()
-            if isinstance(v, int | float) and not isinstance(v, bool)
-        }
+        # TRL's eval_loss and eval_rewards/*, then prefalign's held-out metrics (evaluation.py says what each is)
+        objective = objective_metrics(records, self.args)
+        if records and not objective and metric_key_prefix not in self._warned_no_objective:
+            self._warned_no_objective.add(metric_key_prefix)
+            log.warning("%s: no loss, rewards/* or compute_metrics: %s", metric_key_prefix, no_objective_reason(self.args))
+        metrics = {f"{metric_key_prefix}_{k}": v for k, v in {**objective, **numeric(summarize(records))}.items()}
+        if self.compute_metrics is not None and objective:
+            metrics.update(user_metrics(self.compute_metrics, records, metric_key_prefix))
         ds = eval_dataset if eval_dataset is not None else self.eval_dataset
         self.last_spo_confusion = None
         if self.spo_head is not None and "spo_chosen_ids" in ds.column_names:
             confusion = self.spo_confusion(ds)
             metrics[f"{metric_key_prefix}_spo_accuracy"] = float(confusion.trace() / confusion.sum().clamp(min=1))
             self.last_spo_confusion = confusion.tolist()
+        if eval_dataset is None and metric_key_prefix == "eval":  # what transformers picks the best model from
+            missing_best_metric(self.args, metrics)
         self.log(metrics)
         self.control = self.callback_handler.on_evaluate(self.args, self.state, self.control, metrics)
         self.last_eval_records = records
@@ -557,11 +673,17 @@ class PreferenceTrainer(CrashSafeCheckpointing, Trainer):
 
     def _score(self, dataloader, eval_dataset) -> list[dict]:
         model = self._wrap_model(self.model, training=False)
+        last = {}  # the batch's reference log-probs, computed once for the ranking records and the loss
 
         def reference(batch):
             with self.autocast_smart_context_manager():
-                ref = self.reference_logps(model, batch)
-            return None if ref is None else ref[0]
+                last["refs"] = self.reference_logps(model, batch)
+            return None if last["refs"] is None else last["refs"][0]
+
+        def loss_fields(batch, lp):
+            # each pair's training loss and rewards, from the same forward pass (evaluation.py)
+            with self.autocast_smart_context_manager():
+                return self.loss_of_logps(model, batch, lp, last.get("refs"))[3]
 
         ds = eval_dataset if eval_dataset is not None else self.eval_dataset
         self._scoring_split = self._split_of(ds)
@@ -576,6 +698,8 @@ class PreferenceTrainer(CrashSafeCheckpointing, Trainer):
                 gather=self.accelerator.gather_for_metrics if self.accelerator.num_processes > 1 else None,
                 autocast=self.autocast_smart_context_manager,
                 ld_alpha=self.args.ld_alpha,
+                extra=loss_fields if has_objective(self.args, has_reference) else None,
+                with_sum_sq=self.args.use_weighting,
             )
         finally:
             self._scoring_split = None
