@@ -83,8 +83,29 @@ def _check_gguf(path: str, gguf_file: str | None) -> None:
 
 
 def _fail(what: str, name: str, err: Exception) -> PrefalignError:
-    first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-    return PrefalignError(f"cannot load {what} {name}: {first_line}")
+    # the whole message on one line: transformers' messages run over several ("Couldn't instantiate the backend
+    # tokenizer from one of: \n(1) …"), and their first line alone can end mid-sentence
+    text = " ".join(line.strip() for line in str(err).splitlines() if line.strip()) or type(err).__name__
+    return PrefalignError(f"cannot load {what} {name}: {text}")
+
+
+def _corrupt_weights(name: str, folder: str, err: Exception) -> PrefalignError:
+    """A safetensors file that cannot be read (cut short by a full disk or a killed copy): name the file."""
+    from safetensors import SafetensorError, safe_open
+
+    bad = None
+    if os.path.isdir(folder):
+        for file in sorted(Path(folder).glob("*.safetensors")):
+            try:
+                with safe_open(str(file), framework="pt"):
+                    pass
+            except (SafetensorError, OSError):
+                bad = file
+                break
+    detail = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+    where = str(bad) if bad is not None else f"a safetensors file of {name}"
+    return PrefalignError(f"cannot load model {name}: {where} is incomplete or corrupt ({detail}); copy or save "
+                          "it again")
 
 
 def ensure_pad_token(tok):
@@ -136,6 +157,7 @@ def load_model(
 ):
     """An AutoModelForCausalLM (`dtype`: a torch dtype, its name, or "auto" for the checkpoint's). A peft adapter folder loads its base model (resolved like any name) with the
     adapter attached, unmerged and trainable (peft freezes the base weights)."""
+    from safetensors import SafetensorError
     from transformers import AutoModelForCausalLM
 
     path = resolve_model_path(name_or_path)
@@ -154,7 +176,10 @@ def load_model(
             dtype=dtype,
             attn_implementation=attn_implementation,
         )
-        return PeftModel.from_pretrained(base_model, path, is_trainable=True)
+        try:
+            return PeftModel.from_pretrained(base_model, path, is_trainable=True)
+        except SafetensorError as err:
+            raise _corrupt_weights(os.fspath(name_or_path), path, err) from err
 
     _check_gguf(path, gguf_file)
     kwargs: dict = {"trust_remote_code": trust_remote_code, "revision": revision}
@@ -168,6 +193,8 @@ def load_model(
         kwargs["use_safetensors"] = True
     try:
         return AutoModelForCausalLM.from_pretrained(path, **kwargs)
+    except SafetensorError as err:
+        raise _corrupt_weights(os.fspath(name_or_path), path, err) from err
     except (OSError, ValueError) as err:
         raise _fail("model", os.fspath(name_or_path), err) from err
 

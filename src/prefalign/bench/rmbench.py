@@ -32,8 +32,8 @@ def domain_of(name: str) -> str | None:
 
 def load_rmbench(source: str | None = None, split: str | None = None) -> list[dict]:
     """Rows {id, prompt, chosen: [3], rejected: [3], domain} from the hub or local JSON/JSONL files. The domain
-    is the row's `domain` column, else its file's name (`chat_filtered.json` → chat, as the per-domain files
-    of the official repository are named)."""
+    is the row's `domain` column, else (no column, or null in that row) its file's name (`chat_filtered.json`
+    → chat, as the per-domain files of the official repository are named)."""
     from datasets import Value
 
     from ..data.sources import load_source, locate
@@ -45,6 +45,11 @@ def load_rmbench(source: str | None = None, split: str | None = None) -> list[di
         # keep the benchmark's own, so that they can be joined
         if "domain" not in dataset.column_names:
             dataset = dataset.add_column("domain", [Path(name).name] * len(dataset))
+        elif None in dataset["domain"]:
+            # a row without a domain takes its file's name, row by row: one row with a domain (or a null one)
+            # puts the column in every row of the file, and the rest would lose the file's name
+            dataset = dataset.map(lambda d: {"domain": Path(name).name if d is None else d},
+                                  input_columns="domain", desc="Domains from the file name")
         dataset = dataset.select_columns([c for c in ("id", *COLUMNS) if c in dataset.column_names])
         return dataset.cast_column("id", Value("string")) if "id" in dataset.column_names else dataset
 
@@ -62,8 +67,9 @@ def load_rmbench(source: str | None = None, split: str | None = None) -> list[di
                 raise DataError(f"{where}: {side!r} must be a list of 3 responses ({', '.join(STYLES)})")
         domain = domain_of(str(row.get("domain") or ""))
         if domain is None:
-            raise DataError(f"{where}: no domain: give a 'domain' column (chat, code, math, safety-…) or name the "
-                            "file after its domain, as chat_filtered.json")
+            raise DataError(f"{where}: no domain: {row.get('domain')!r} (the row's 'domain', else its file's name) "
+                            f"starts with none of {', '.join(DOMAINS)}; give a 'domain' column (chat, code, math, "
+                            "safety-…) or name the file after its domain, as chat_filtered.json")
         if not isinstance(row["prompt"], str):
             raise DataError(f"{where}: 'prompt' is not text")
         rows.append({"id": row.get("id", i), "prompt": row["prompt"], "chosen": row["chosen"],

@@ -34,6 +34,7 @@ def run_bench(benchmark: str, model: str, *, dataset: str | None = None, split: 
               overwrite: bool = False, **scoring) -> dict:
     if benchmark not in BENCHMARKS:
         raise PrefalignError(f"unknown benchmark {benchmark!r}; available: {', '.join(BENCHMARKS)}")
+    check_numbers(benchmark, limit, scoring)
     path = result_path(model, benchmark, score, reference, save)
     if path is not None and path.exists() and not overwrite:
         raise PrefalignError(f"{path} holds an earlier result: pass --overwrite to replace it (or --no-save)")
@@ -46,6 +47,22 @@ def run_bench(benchmark: str, model: str, *, dataset: str | None = None, split: 
         write_json(path, result)
         result["saved_to"] = str(path)
     return result
+
+
+def check_numbers(benchmark: str, limit: int | None, scoring: dict) -> None:
+    """Counts that cannot work, refused before anything loads (a --limit 0 would otherwise leave no pair, and
+    the empty table would fail later as a schema error)."""
+    part = "subset" if benchmark == "rewardbench" else "domain"
+    if limit is not None and limit < 1:
+        raise PrefalignError(f"--limit {limit}: must be at least 1 (the first N rows of each {part}; leave it out "
+                             "for all)")
+    batch_size = scoring.get("batch_size", 8)
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise PrefalignError(f"--batch-size {batch_size}: must be at least 1")
+    max_length = scoring.get("max_length")
+    if max_length is not None and max_length < 2:  # 1 cuts every prompt to nothing
+        raise PrefalignError(f"--max-length {max_length}: must be at least 2 (a response token is scored from the "
+                             "tokens before it)")
 
 
 def first_of_each(rows: list[dict], group: str, limit: int | None) -> list[dict]:
@@ -153,6 +170,11 @@ def format_result(result: dict) -> str:
     pct = lambda v: "—" if v is None else f"{100 * v:5.1f}"  # noqa: E731
     withheld = (f"  (withheld: no subset scored in {', '.join(result['missing_sections'])})"
                 if result["benchmark"] == "rewardbench" and result["missing_sections"] else "")
+    if result["benchmark"] == "rm-bench" and result.get("missing_domains"):
+        # a mean over fewer domains is not RM-Bench's score: said beside the number, not only in the last line
+        withheld = (f"  (mean of {len(result['domains'])} of {len(rmbench.DOMAINS)} domains, "
+                    f"{', '.join(result['domains']) or 'none'}: no prompt scored in "
+                    f"{', '.join(result['missing_domains'])}; not RM-Bench's score)")
     lines = [f"{result['benchmark']}: {result['model']} on {result['dataset']}, responses scored by "
              f"{result['scoring']}{' (chat template)' if result['chat_template'] else ''}",
              f"  score {pct(result['score'])}{withheld}"]
@@ -167,7 +189,8 @@ def format_result(result: dict) -> str:
         for name, d in result["domains"].items():
             lines.append(f"  {name:10s} {pct(d['easy']):>6s} {pct(d['normal']):>6s} {pct(d['hard']):>6s} "
                          f"{pct(d['avg']):>6s}  {d['n_prompts']:7d}  {d['truncated_pairs']} of {3 * d['n_prompts']}")
-        lines.append(f"  {'total':10s} {pct(result['easy']):>6s} {pct(result['normal']):>6s} "
+        total = "total" if not result.get("missing_domains") else f"mean of {len(result['domains'])}"
+        lines.append(f"  {total:10s} {pct(result['easy']):>6s} {pct(result['normal']):>6s} "
                      f"{pct(result['hard']):>6s} {pct(result['score']):>6s}")
     if result["skipped"]:
         lines.append("  skipped: " + ", ".join(f"{k} {v}" for k, v in result["skipped"].items()))

@@ -35,15 +35,18 @@ def add_parser(sub) -> None:
 
 
 def run(args) -> int:
-    from ..bench.run import format_result, run_bench
+    from ..bench.run import format_result, result_path, run_bench
+    from .writes import writing_into
 
-    result = run_bench(
-        args.benchmark, args.model, dataset=args.dataset, split=args.split, score=args.score,
-        reference=args.reference, limit=args.limit, save=not args.no_save, overwrite=args.overwrite,
-        batch_size=args.batch_size, max_length=args.max_length, bf16=args.bf16, dtype=args.dtype,
-        chat_template=args.chat_template, trust_remote_code=args.trust_remote_code,
-        prefix_sharing={"auto": None, "true": True, "false": False}[args.prefix_sharing],
-    )
+    # a result kept in the run folder (RUN/bench/) is a write into that run: its lock, before anything is scored
+    with writing_into(result_path(args.model, args.benchmark, args.score, args.reference, not args.no_save), "bench"):
+        result = run_bench(
+            args.benchmark, args.model, dataset=args.dataset, split=args.split, score=args.score,
+            reference=args.reference, limit=args.limit, save=not args.no_save, overwrite=args.overwrite,
+            batch_size=args.batch_size, max_length=args.max_length, bf16=args.bf16, dtype=args.dtype,
+            chat_template=args.chat_template, trust_remote_code=args.trust_remote_code,
+            prefix_sharing={"auto": None, "true": True, "false": False}[args.prefix_sharing],
+        )
     if args.json:
         print(json.dumps(result))
     else:

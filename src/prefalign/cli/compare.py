@@ -14,6 +14,7 @@ def add_parser(sub) -> None:
     p.add_argument("--eval", dest="eval_dataset", default=None, metavar="DATASET",
                    help="evaluate each run's final model on DATASET instead of using its saved eval results")
     p.add_argument("--out", required=True, metavar="DIR", help="folder for report.md, report.html and the plots")
+    p.add_argument("--overwrite", action="store_true", help="replace an earlier report in --out")
     p.add_argument("--labels", default=None, help="comma-separated run names, one per RUN_DIR (default: the loss)")
     p.add_argument("--max-length", type=int, default=None,
                    help="with --eval: max tokens per prompt+completion (default: each run's own)")
@@ -23,8 +24,13 @@ def add_parser(sub) -> None:
 
 
 def run(args) -> int:
-    from ..analysis.compare import REPORT_HTML, REPORT_MD, compare
+    from pathlib import Path
 
+    from ..analysis.compare import REPORT_HTML, REPORT_MD, compare
+    from .writes import refuse_to_replace
+
+    for name in (REPORT_MD, REPORT_HTML):  # an earlier report is kept unless asked, before any run is read
+        refuse_to_replace(Path(args.out).expanduser() / name, args.overwrite, "--out another folder")
     labels = None if args.labels is None else [s.strip() for s in args.labels.split(",")]
     out = compare(
         args.run_dirs,

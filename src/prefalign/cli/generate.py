@@ -33,11 +33,13 @@ def add_parser(sub) -> None:
 
 
 def run(args) -> int:
+    import math
     from pathlib import Path
 
     from ..errors import ConfigError
     from ..generation import format_length_summary, generate_completions, length_summary
     from ..run_files import GENERATIONS_FILE, is_run_folder, write_jsonl
+    from .writes import writing_into
 
     if args.out is None and not is_run_folder(args.model):
         raise ConfigError("--out: where to write the completions (a prefalign run folder defaults to its "
@@ -47,14 +49,22 @@ def run(args) -> int:
         raise ConfigError(f"{out} exists: pass --overwrite to replace it, or --out another file")
     if args.max_new_tokens < 1 or args.batch_size < 1 or (args.limit is not None and args.limit < 1):
         raise ConfigError("--max_new_tokens, --batch-size and --limit must be at least 1")
-    rows = generate_completions(
-        args.model, args.dataset, limit=args.limit, max_new_tokens=args.max_new_tokens, do_sample=args.sample,
-        temperature=args.temperature, top_p=args.top_p, seed=args.seed, batch_size=args.batch_size, split=args.split,
-        columns=args.columns, data_format=args.data_format, chat_template=args.chat_template, dtype=args.dtype,
-        bf16=args.bf16, trust_remote_code=args.trust_remote_code,
-    )
-    out.parent.mkdir(parents=True, exist_ok=True)
-    write_jsonl(rows, out)
+    if args.sample:  # checked here, not deep inside transformers' generate after the model has loaded
+        if not (math.isfinite(args.temperature) and args.temperature > 0):
+            raise ConfigError(f"--temperature {args.temperature}: sampling needs a positive number (for greedy "
+                              "decoding leave out --sample)")
+        if not (0 < args.top_p <= 1):  # NaN fails this too
+            raise ConfigError(f"--top-p {args.top_p}: must be in (0, 1]")
+    # completions written into a run folder (its generations.jsonl, by default) are a write into that run
+    with writing_into(out, "generate"):
+        rows = generate_completions(
+            args.model, args.dataset, limit=args.limit, max_new_tokens=args.max_new_tokens, do_sample=args.sample,
+            temperature=args.temperature, top_p=args.top_p, seed=args.seed, batch_size=args.batch_size,
+            split=args.split, columns=args.columns, data_format=args.data_format, chat_template=args.chat_template,
+            dtype=args.dtype, bf16=args.bf16, trust_remote_code=args.trust_remote_code,
+        )
+        out.parent.mkdir(parents=True, exist_ok=True)
+        write_jsonl(rows, out)
     summary = {**length_summary(rows), "out": str(out), "max_new_tokens": args.max_new_tokens,
                "sampling": "sample" if args.sample else "greedy"}
     print(json.dumps(summary) if args.json else format_length_summary(summary))
