@@ -7,7 +7,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from ..errors import PrefalignError
-from ..run_files import EVAL_RANKING_ACCURACY, TRAIN_EVAL_FILE, read_json_object, write_json
+from ..run_files import EVAL_RANKING_ACCURACY, PER_PAIR_FILE, TRAIN_EVAL_FILE, read_json_object, write_json
 from ..stats import MIN_SEEDS, compare_methods, seed_interval
 from .spec import Sweep
 
@@ -20,27 +20,72 @@ def _mean(xs):
     return sum(xs) / len(xs) if xs else None
 
 
-def collect(sweep: Sweep) -> dict:
-    from ..analysis.runs import load_run
+def _why_missing(state, sweep: Sweep) -> str | None:
+    """Why a cell's run is not one of this file's results (None: it is)."""
+    from .state import describe_changes, last_line, stem
 
-    runs, correct = {}, {}
-    for cell in sweep.cells:
-        run = load_run(cell.run_dir)
-        if run.heldout is None or run.heldout.records is None:
-            raise PrefalignError(f"{cell.run_dir}: no per-pair held-out records (eval_per_pair.jsonl): the sweep "
-                                 "compares methods pair by pair; give the base an eval_dataset")
+    if state.error is not None:
+        return f"its settings are invalid ({state.error})"
+    if state.changed:
+        return f"trained with other settings than the file gives now ({describe_changes(state.changed)})"
+    if state.status == "finished":
+        return None
+    log_file = sweep.output_dir / "logs" / f"{stem(state.cell)}.log"
+    if log_file.is_file():
+        return f"not finished (its log ends: {last_line(log_file)}; log: {log_file})"
+    return "not finished" if state.status == "started" else "not trained yet"
+
+
+def collect(sweep: Sweep) -> dict:
+    """Each finished cell's run and per-pair held-out correctness; every other cell in `missing` with why."""
+    from ..analysis.runs import load_run
+    from .state import cell_states
+
+    runs, correct, missing = {}, {}, {}
+    for state in cell_states(sweep):
+        cell = state.cell
+        why = _why_missing(state, sweep)
+        if why is None:
+            run = load_run(cell.run_dir)
+            if run.heldout is None or run.heldout.records is None:
+                why = f"no per-pair held-out records ({PER_PAIR_FILE})"
+        if why is not None:
+            missing[cell.name] = why
+            continue
         records = sorted(run.heldout.records, key=lambda r: r["index"])
         correct.setdefault(cell.method, {})[cell.seed] = [bool(r["correct"]) for r in records]
         runs.setdefault(cell.method, {})[cell.seed] = run
-    return {"runs": runs, "correct": correct}
+    if not correct:
+        listed = "; ".join(f"{name}: {why}" for name, why in list(missing.items())[:3])
+        more = f"; and {len(missing) - 3} more" if len(missing) > 3 else ""
+        hint = ("; the sweep compares methods pair by pair: give the base an eval_dataset"
+                if all(not c.values.get("eval_dataset") for c in sweep.cells) else "")
+        raise PrefalignError(f"{sweep.path.name}: no cell has results to report ({listed}{more}){hint}")
+    return {"runs": runs, "correct": correct, "missing": missing}
 
 
 def summarize_sweep(sweep: Sweep, baseline: str | None = None) -> dict:
+    """The report's numbers over the cells that have this file's results; `missing` names every other cell
+    and why (a method without any is left out, and seeds are paired: a seed missing for one method is left
+    out of all)."""
     got = collect(sweep)
+    missing = got["missing"]
     baseline = baseline or sweep.baseline
+    if baseline is not None and baseline not in sweep.methods:
+        raise PrefalignError(f"baseline {baseline!r} is not one of the methods: {', '.join(sweep.methods)}")
+    note = None
     if baseline is not None and baseline not in got["correct"]:
-        raise PrefalignError(f"baseline {baseline!r} is not one of the methods: {', '.join(got['correct'])}")
-    stats = compare_methods(got["correct"], baseline=baseline)
+        note = f"no comparison against {baseline}: none of its cells has results"
+        baseline = None
+    try:
+        stats = compare_methods(got["correct"], baseline=baseline)
+    except ValueError as e:  # no seed with a result for every method, or runs scored on other pairs
+        listed = "; ".join(f"{name}: {why}" for name, why in list(missing.items())[:3])
+        raise PrefalignError(f"{sweep.path.name}: {e}" + (f" (cells missing: {listed})" if listed else "")) from None
+    for method, by_seed in got["runs"].items():
+        for seed in sorted(set(by_seed) - set(stats["seeds"])):
+            name = next(c.name for c in sweep.cells if c.method == method and c.seed == seed)
+            missing[name] = f"left out: seed {seed} lacks a result for another method (seeds are paired)"
     details = {}
     for method, by_seed in got["runs"].items():
         by_seed = {seed: by_seed[seed] for seed in stats["seeds"]}  # the order of every per-seed list
@@ -81,7 +126,8 @@ def summarize_sweep(sweep: Sweep, baseline: str | None = None) -> dict:
         paired["bench"] = {name: seed_interval(per_seed, base_bench[name])
                            for name, per_seed in details[method]["bench_per_seed"].items() if name in base_bench}
     return {"methods": stats["methods"], "paired": stats["paired"], "baseline": baseline,
-            "seeds": stats["seeds"], "n_pairs": stats["n_pairs"], "details": details}
+            "seeds": stats["seeds"], "n_pairs": stats["n_pairs"], "details": details,
+            "missing": {c.name: missing[c.name] for c in sweep.cells if c.name in missing}, "note": note}
 
 
 def _trained_pairs_accuracy(run_dir) -> float | None:
@@ -130,12 +176,15 @@ def write_report(sweep: Sweep, summary: dict, out: Path) -> Path:
 
     out.mkdir(parents=True, exist_ok=True)
     write_json(out / RESULTS_JSON, summary)
-    dirs = [c.run_dir for c in sweep.cells]
-    compare(dirs, out / "compare", labels=[f"{c.method} s{c.seed}" for c in sweep.cells])
+    missing = summary.get("missing") or {}
+    cells = [c for c in sweep.cells if c.name not in missing]  # only this file's results, never a stale run
+    compare([c.run_dir for c in cells], out / "compare", labels=[f"{c.method} s{c.seed}" for c in cells])
     plot = _plot_curves(summary, out)
     pct = lambda v: "—" if v is None else f"{100 * v:.1f}"  # noqa: E731
+    runs = f"{len(cells)} of {len(sweep.cells)} runs ({len(missing)} not in this report: below)" if missing \
+        else f"{len(cells)} runs"
     lines = [f"# Sweep: {sweep.path.name}", "",
-             f"{len(sweep.cells)} runs: {len(summary['methods'])} methods × seeds {summary['seeds']}; held-out "
+             f"{runs}: {len(summary['methods'])} methods × seeds {summary['seeds']}; held-out "
              f"ranking accuracy on the same {summary['n_pairs']} pairs. Intervals: seeds × pairs random effects, each "
              f"part at its own t (docs/sweep.md); below {MIN_SEEDS} seeds no verdict. Train − held-out: ranking accuracy on the pairs each run trained on "
              "(trained_pairs.jsonl) minus held-out (overfitting). Grad on misranked: mean share of the gradient weight on misranked training pairs; "
@@ -144,6 +193,11 @@ def write_report(sweep: Sweep, summary: dict, out: Path) -> Path:
              "| method | accuracy % | 95 % CI | per seed | train − held-out | grad on misranked | concentration |"
              " gen. tokens |",
              "|---|---|---|---|---|---|---|---|"]
+    if missing:
+        lines[4:4] = ["**Not in this report:**", "",
+                      *(f"- {name}: {why}" for name, why in missing.items()), ""]
+    if summary.get("note"):
+        lines[4:4] = [f"**{summary['note']}.**", ""]
     for m, s in summary["methods"].items():
         d = summary["details"][m]
         gen = "—" if d["mean_generated_tokens"] is None else f"{d['mean_generated_tokens']:.1f}"
