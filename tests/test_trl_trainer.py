@@ -245,3 +245,14 @@ def test_model_init_kwargs_with_a_model_object_are_refused(tokenizer, tmp_path):
     trainer = PreferenceTrainer(model=str(shared_path("models", "stories260K")), processing_class=tokenizer,
                                 train_dataset=rows, args=_args(tmp_path, model_init_kwargs={"attn_implementation": "eager"}))
     assert trainer.model.config._attn_implementation == "eager"
+
+
+def test_raw_pairs_given_to_evaluate_are_read_and_tokenized_as_the_trainers_own(tokenizer, tmp_path):
+    trainer = PreferenceTrainer(model=_model(), args=_args(tmp_path, loss_type="simpo", beta=2.0),
+                                processing_class=tokenizer, train_dataset=Dataset.from_list(PAIRS),
+                                eval_dataset=Dataset.from_list(PAIRS))
+    own = trainer.evaluate()
+    raw = trainer.evaluate(Dataset.from_list(PAIRS))  # TRL's habit: a raw dataset to evaluate()
+    assert raw["eval_n_pairs"] == own["eval_n_pairs"] == len(PAIRS)
+    assert raw["eval_ranking_accuracy"] == own["eval_ranking_accuracy"]
+    assert raw["eval_loss"] == pytest.approx(own["eval_loss"], rel=1e-6)

@@ -154,9 +154,17 @@ def load_model(
     revision: str | None = None,
     dtype: torch.dtype | str | None = None,
     attn_implementation: str | None = None,
+    **from_pretrained_kwargs,
 ):
     """An AutoModelForCausalLM (`dtype`: a torch dtype, its name, or "auto" for the checkpoint's). A peft adapter folder loads its base model (resolved like any name) with the
-    adapter attached, unmerged and trainable (peft freezes the base weights)."""
+    adapter attached, unmerged and trainable (peft freezes the base weights). Other keywords (model_init_kwargs:
+    `low_cpu_mem_usage`, `device_map`, …) go to `from_pretrained`; `torch_dtype` is its older name for `dtype`
+    and wins over it; weights load from safetensors only (a pickle checkpoint can run code when it loads)."""
+    if "torch_dtype" in from_pretrained_kwargs:
+        dtype = from_pretrained_kwargs.pop("torch_dtype")
+    if from_pretrained_kwargs.get("use_safetensors") is False:
+        raise PrefalignError(f"model {name_or_path}: use_safetensors false is refused: prefalign loads weights from "
+                             "safetensors only (a pickle checkpoint can run code as it loads); convert the checkpoint")
     from safetensors import SafetensorError
     from transformers import AutoModelForCausalLM
 
@@ -175,6 +183,7 @@ def load_model(
             revision=adapter.get("revision"),
             dtype=dtype,
             attn_implementation=attn_implementation,
+            **from_pretrained_kwargs,
         )
         try:
             return PeftModel.from_pretrained(base_model, path, is_trainable=True)
@@ -191,6 +200,7 @@ def load_model(
         kwargs["gguf_file"] = gguf_file  # the GGUF file is the weights, so no safetensors here
     else:
         kwargs["use_safetensors"] = True
+    kwargs.update(from_pretrained_kwargs)
     try:
         return AutoModelForCausalLM.from_pretrained(path, **kwargs)
     except SafetensorError as err:

@@ -171,3 +171,11 @@ def _align_special_tokens(model, tokenizer) -> None:
             value = getattr(tokenizer, name, None)
             if value is not None and getattr(config, name, None) != value:
                 setattr(config, name, value)
+
+
+def prepared_eval_set(dataset, tokenizer, args: PreferenceConfig, name: str):
+    """An eval set handed to `evaluate()` itself: read and tokenized as the trainer's own are (a tokenized one
+    passes through); (dataset, its data report)."""
+    _check_dataset(dataset, name)
+    report: dict = {}
+    return _prepared(dataset, tokenizer, args, name, report), report.get(name)
