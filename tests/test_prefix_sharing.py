@@ -84,7 +84,6 @@ def test_hidden_means_equal_unshared():
 def test_extra_completions_give_the_unshared_hidden_means():
     """SPO's degraded completions packed after the rejected one: the pairs' log-probs are unchanged and every
     extra completion's mean hidden state (and its gradient) equals that of its own row prompt + completion."""
-    from prefalign.data.collate import pad_sequences
 
     model = tiny_llama()
     rows = _rows(128, seed=5)
@@ -93,29 +92,9 @@ def test_extra_completions_give_the_unshared_hidden_means():
         row["extra_completion_ids"] = [torch.randint(3, 128, (int(n),), generator=g).tolist()
                                        for n in torch.randint(1, 9, (n_extra,), generator=g)]
     b = len(rows)
-    seqs = [(r["prompt_input_ids"], r[k]) for k in ("chosen_input_ids", "rejected_input_ids") for r in rows]
-    seqs += [(r["prompt_input_ids"], c) for r in rows for c in r["extra_completion_ids"]]
-    unshared = pad_sequences(seqs, 0)
     packed = PrefixSharedCollator(pad_token_id=0)(rows)
     assert int(packed["packed_segment_ids"].max()) == 5 and packed["input_ids"].shape[0] == 2 * b
-
-    results = []
-    for run in (
-        lambda: sequence_logps(model, unshared["input_ids"], unshared["attention_mask"], unshared["labels"],
-                               with_hidden_mean=True, n_scored=2 * b),
-        lambda: prefix_shared_logps(model, *packed_inputs(packed), with_hidden_mean=True),
-    ):
-        model.zero_grad()
-        lp = run()
-        loss = lp.mean.sum() + lp.hidden_mean[2 * b :].pow(2).sum() + lp.hidden_mean[:b].sum()
-        loss.backward()
-        results.append((lp, {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}))
-    (ref, g_ref), (got, g_got) = results
-    assert got.hidden_mean.shape == (len(seqs), 32)
-    torch.testing.assert_close(got.sum, ref.sum, atol=1e-5, rtol=1e-5)
-    torch.testing.assert_close(got.hidden_mean, ref.hidden_mean, atol=1e-5, rtol=1e-5)
-    for name in g_ref:
-        torch.testing.assert_close(g_got[name], g_ref[name], atol=1e-5, rtol=1e-5, msg=name)
+    got = assert_extras_match_unshared(model, rows, packed)
     without = PrefixSharedCollator(pad_token_id=0)([{k: v for k, v in r.items() if k != "extra_completion_ids"}
                                                     for r in rows])
     torch.testing.assert_close(prefix_shared_logps(model, *packed_inputs(without)).sum, got.sum.detach())
@@ -235,3 +214,33 @@ def test_flash_attention_is_refused_in_one_line():
     with pytest.raises(PrefixSharingRefused, match=r"^LlamaForCausalLM: prefix sharing needs a 4-D attention mask") as e:
         prefix_shared_logps(model, *packed_inputs(PrefixSharedCollator(pad_token_id=0)(_rows(128))))
     assert "\n" not in str(e.value)
+
+
+def assert_extras_match_unshared(model, rows, packed):
+    """The pairs' log-probs and every extra completion's mean final hidden state (values and gradients) of the
+    packed batch `packed` equal those of the unshared rows prompt + completion, in pair order; returns the
+    packed log-probs."""
+    from prefalign.data.collate import pad_sequences
+
+    b = len(rows)
+    seqs = [(r["prompt_input_ids"], r[k]) for k in ("chosen_input_ids", "rejected_input_ids") for r in rows]
+    seqs += [(r["prompt_input_ids"], c) for r in rows for c in r["extra_completion_ids"]]
+    unshared = pad_sequences(seqs, 0)
+    results = []
+    for run in (
+        lambda: sequence_logps(model, unshared["input_ids"], unshared["attention_mask"], unshared["labels"],
+                               with_hidden_mean=True, n_scored=2 * b),
+        lambda: prefix_shared_logps(model, *packed_inputs(packed), with_hidden_mean=True),
+    ):
+        model.zero_grad()
+        lp = run()
+        loss = lp.mean.sum() + lp.hidden_mean[2 * b :].pow(2).sum() + lp.hidden_mean[:b].sum()
+        loss.backward()
+        results.append((lp, {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}))
+    (ref, g_ref), (got, g_got) = results
+    assert got.hidden_mean.shape == (len(seqs), ref.hidden_mean.shape[1])
+    torch.testing.assert_close(got.sum, ref.sum, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(got.hidden_mean, ref.hidden_mean, atol=1e-5, rtol=1e-5)
+    for name in g_ref:
+        torch.testing.assert_close(g_got[name], g_ref[name], atol=1e-5, rtol=1e-5, msg=name)
+    return got

@@ -147,7 +147,7 @@ def test_loss_list_with_weights_is_the_weighted_sum(tokenizer, tmp_path):
 
 @pytest.mark.parametrize(("kwargs", "message"), [
     ({"loss_type": "aot", "use_weighting": True}, r"^use_weighting: WPO weights are per pair, and aot/aot_unpaired sort"),
-    ({"padding_free": True}, r"^padding_free: TRL's padding_free is not supported by prefalign; prefix_sharing"),
+    ({"padding_free": True, "prefix_sharing": False}, r"^padding_free: true packs prefix-shared pairs, and prefix_sharing is false"),
     ({"loss_type": "nca_pair", "f_divergence_type": "js_divergence"}, r"^f_divergence_type: applies only to the "),
     ({"loss_type": "dpo", "alpha": 0.5}, r"^alpha: is a hyperparameter of alpha_dpo, and loss_type is dpo \(TRL CPO's AlphaPO"),
     ({"loss_type": "exo_pair", "label_smoothing": 0.0}, r"^label_smoothing: exo_pair needs label_smoothing > 0"),

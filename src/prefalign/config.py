@@ -175,7 +175,12 @@ class PreferenceConfig(TrainingArguments):
     disable_dropout: bool = field(default=True, metadata={"help": "TRL: set every dropout to 0 in the policy"})
     pad_token: str | None = field(default=None, metadata={"help": "TRL: the token to pad with (default: the tokenizer's)"})
     use_logits_to_keep: bool | None = field(default=None, metadata={"help": "TRL: prefalign always scores only completion positions"})
-    padding_free: bool = field(default=False, metadata={"help": "TRL: not supported; prefix_sharing packs each prompt once"})
+    padding_free: bool | None = field(
+        default=None,
+        metadata={"help": "TRL's name: pack a micro-batch's prefix-shared pairs end to end into as few rows as fit "
+                          "(no token attends across pairs); default: on wherever prefix sharing is, true: required, "
+                          "false: one pair per row"},
+    )
     pad_to_multiple_of: int | str | None = field(default=None, metadata={"help": "TRL: not supported"})
     precompute_ref_batch_size: int | None = field(default=None, metadata={"help": "TRL: not supported (the reference pass scores the training batches)"})
     activation_offloading: bool = field(default=False, metadata={"help": "TRL: not supported"})
@@ -248,8 +253,9 @@ class PreferenceConfig(TrainingArguments):
                                   "set one of them")
             self.max_completion_length, self.max_target_length = self.max_target_length, None
         self._refuse_older_trl_fields(unsupported)
-        if self.padding_free:
-            unsupported("padding_free", "prefix_sharing (on by default where exact) packs each pair's prompt once instead")
+        if self.padding_free and self.prefix_sharing is False:
+            raise ConfigError("padding_free: true packs prefix-shared pairs, and prefix_sharing is false; leave one of "
+                              "them unset")
         if self.pad_to_multiple_of not in (None, "auto"):
             unsupported("pad_to_multiple_of", "rows are padded to the batch's longest")
         if self.precompute_ref_batch_size is not None:

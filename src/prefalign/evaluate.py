@@ -301,8 +301,9 @@ def evaluate_path(
 def scoring_loader(policy, ref_model, tokenizer, tok, *, batch_size: int, device, prefix_sharing=None,
                    autocast=contextlib.nullcontext, sort_by_length: bool = True):
     """(batches, reference function or None) for scoring the tokenized pairs `tok` with `policy` (and
-    `ref_model`): prefix-shared wherever it is exact for both models, after the start-up self-check, on
-    `device`, in batches of pairs of similar length (longest first; records come back in dataset order)."""
+    `ref_model`): prefix-shared and padding-free wherever it is exact for both models, after the start-up
+    self-check, on `device`, in batches of pairs of similar length (longest first; records come back in
+    dataset order)."""
     from torch.utils.data import DataLoader
 
     from .data import PairCollator
@@ -318,7 +319,8 @@ def scoring_loader(policy, ref_model, tokenizer, tok, *, batch_size: int, device
     for scored, role in ((policy, None), (ref_model, "reference model")):
         if scored is not None and rows:
             check_fast_path(scored, rows, pad, prefix_sharing=packed, autocast=autocast, role=role)
-    collator = PrefixSharedCollator(pad, keep_unshared=False) if packed else PairCollator(pad)
+    # padding-free wherever prefix-shared: pairs of a batch laid end to end, no row wider than its longest pair
+    collator = PrefixSharedCollator(pad, keep_unshared=False, padding_free=True) if packed else PairCollator(pad)
     order = longest_first(tok, packed=packed) if sort_by_length else range(len(tok))
     loader = DataLoader(tok, batch_size=batch_size, sampler=list(order),
                         collate_fn=lambda rows: {k: v.to(device) for k, v in collator(rows).items()})

@@ -2,7 +2,8 @@
 
 - `head`: what a model's forward does between decoder and logits (soft-capping, logit scales), or a refusal.
 - `logps`: `sequence_logps` (fast, completion-only, chunked) and `naive_sequence_logps` (the textbook one).
-- `packing`: prefix sharing — one prompt+chosen+rejected row per pair — and which models it is exact on.
+- `packing`: prefix sharing — each pair as prompt+chosen+rejected, one or (padding-free) several pairs per row —
+  and which models it is exact on.
 - `selfcheck`: the start-up comparison with the model's own logits; a pad id the model can embed.
 """
 
@@ -16,6 +17,7 @@ from .packing import (
     packing_plan,
     pair_logps,
     prefix_shared_logps,
+    resolve_layout,
     resolve_prefix_sharing,
 )
 from .selfcheck import FastPathMismatch, check_fast_path, usable_pad_id
@@ -35,6 +37,7 @@ __all__ = [
     "packing_plan",
     "pair_logps",
     "prefix_shared_logps",
+    "resolve_layout",
     "resolve_prefix_sharing",
     "sequence_logps",
     "unwrap",

@@ -1,14 +1,23 @@
-"""Prefix sharing: one packed row per pair, prompt + chosen + rejected, instead of two rows that each carry the prompt.
+"""Prefix sharing: each pair's prompt encoded once, chosen and rejected after it, and (padding-free) several
+such pairs laid end to end in one row.
 
-A 4-D attention mask lets the chosen and rejected tokens see the prompt but not each other (causal within
+A 4-D attention mask lets the chosen and rejected tokens see their prompt but not each other (causal within
 each), and the position ids restart after the prompt for the rejected part. Every token therefore sees the
 context, at the positions, it would see in its own unshared row — including a sliding window, which is
 measured in position ids, not in packed columns — so the per-sequence log-probs equal those of
-`sequence_logps` on the `PairCollator` layout (up to float rounding) while the model runs on B rows of
-P+C+R tokens instead of 2B rows of P+max(C,R): the prompt is encoded once per pair.
+`sequence_logps` on the `PairCollator` layout (up to float rounding) while the model runs on rows of
+P+C+R tokens per pair instead of 2 rows of P+max(C,R): the prompt is encoded once per pair.
 
-    collator = PrefixSharedCollator(pad_token_id=tok.pad_token_id)  # the PairCollator keys plus packed_* keys
-    batch = collator(rows)
+Padding-free packing (`padding_free=True`, TRL's name) puts the pairs of a micro-batch end to end into as few
+rows as fit, first-fit decreasing by packed length, a row no longer than the micro-batch's longest pair (or
+`row_length`), so a dense mask is never wider than the one-pair-per-row layout's. `packed_pair_ids` gives
+every column the index of its pair in the batch (padding belongs to the last pair of its row); the mask
+also requires the same pair, position ids restart per pair, and the outputs come back in pair order —
+chosen of pairs 0..B-1, then rejected — whatever row a pair went to. One pair per row is the special case,
+so everything below reads the pair map and never asks which layout a batch has.
+
+    collator = PrefixSharedCollator(pad_token_id=tok.pad_token_id, padding_free=True)
+    batch = collator(rows)  # the PairCollator keys plus packed_* keys
     lp = prefix_shared_logps(model, *packed_inputs(batch))  # SequenceLogps [2B]: chosen rows, then rejected
 
 Which models it accepts (`packing_plan`), read from the model and its transformers source:
@@ -18,10 +27,13 @@ Which models it accepts (`packing_plan`), read from the model and its transforme
 - layers may be full or sliding-window attention; a model mixing both must accept one mask per layer type
   (transformers' `causal_mask_mapping` dict); any other layer type (linear attention, state-space, chunked)
   is refused. Each refusal is one line saying why.
+Packing several pairs per row needs nothing more: the same mask keeps pairs apart, so it is exact wherever
+prefix sharing is.
 
 Extra completions of the same prompt (SPO's degraded responses, row key `extra_completion_ids`) are packed
-after the rejected one as further segments 3, 4, …, each seeing only the prompt and itself; they are not
-scored, only their mean final hidden state is returned (after the 2B pair rows) when asked for.
+after the rejected one as further segments 3, 4, …, each seeing only its pair's prompt and itself; they are
+not scored, only their mean final hidden state is returned (after the 2B pair rows, by pair then segment)
+when asked for.
 """
 
 from __future__ import annotations
@@ -44,7 +56,7 @@ log = logging.getLogger(__name__)
 
 PROMPT, CHOSEN, REJECTED, PAD = 0, 1, 2, -1  # segment ids; extra completions take 3, 4, ...
 FIRST_EXTRA = 3
-PACKED_KEYS = ("packed_input_ids", "packed_position_ids", "packed_segment_ids")
+PACKED_KEYS = ("packed_input_ids", "packed_position_ids", "packed_segment_ids", "packed_pair_ids")
 MASK_IMPLEMENTATIONS = ("sdpa", "eager", "flex_attention")
 LAYER_TYPES = ("full_attention", "sliding_attention")
 
@@ -130,19 +142,63 @@ def resolve_prefix_sharing(setting: bool | None, model: torch.nn.Module) -> bool
     return True
 
 
+def resolve_layout(prefix_sharing: bool | None, padding_free: bool | None, model: torch.nn.Module) -> tuple[bool, bool]:
+    """(prefix_sharing, padding_free) made definite for `model`. Padding-free packing lays prefix-shared pairs
+    end to end, so it is exact wherever prefix sharing is: None (the default) follows prefix sharing, True
+    requires both (a refusal is raised, naming padding_free), False keeps one pair per row."""
+    if padding_free and prefix_sharing is False:
+        raise PrefixSharingRefused("padding_free: true packs prefix-shared pairs, and prefix_sharing is false; leave "
+                                   "one of them unset")
+    try:
+        shared = resolve_prefix_sharing(True if padding_free else prefix_sharing, model)
+    except PrefixSharingRefused as refusal:
+        if padding_free and prefix_sharing is None:
+            raise PrefixSharingRefused(f"padding_free: true packs prefix-shared pairs; {refusal}") from None
+        raise
+    return shared, shared if padding_free is None else bool(padding_free)
+
+
+def first_fit_decreasing(sizes: Sequence[int], capacity: int | None = None) -> list[list[int]]:
+    """Indices of `sizes` grouped into rows of at most `capacity` (default: the largest size), first-fit
+    decreasing: largest first, each into the first row with room. A size above `capacity` gets a row of its
+    own. Ties keep the input order, so the same sizes always give the same rows."""
+    capacity = max(sizes, default=0) if capacity is None else capacity
+    rows: list[list[int]] = []
+    room: list[int] = []
+    for i in sorted(range(len(sizes)), key=lambda i: (-sizes[i], i)):
+        for r, free in enumerate(room):
+            if sizes[i] <= free:
+                rows[r].append(i)
+                room[r] -= sizes[i]
+                break
+        else:
+            rows.append([i])
+            room.append(capacity - sizes[i])
+    return rows
+
+
 class PrefixSharedCollator:
-    """Batch tokenized pairs as B right-padded rows prompt + chosen + rejected.
+    """Batch tokenized pairs as right-padded rows of prompt + chosen + rejected: one pair per row, or with
+    `padding_free` as many pairs per row as fit (`first_fit_decreasing` by packed length; a row at most
+    `row_length` tokens, default the batch's longest pair, so no row is wider than one pair per row makes it).
 
     Adds `packed_input_ids`, `packed_position_ids` (0.. over prompt+chosen, restarting at len(prompt) for the
-    rejected part) and `packed_segment_ids` (PROMPT, CHOSEN, REJECTED, PAD) to the `PairCollator` batch, so the
-    reference cache, evaluation and SPO keep working on the unshared keys. With `keep_unshared=False` only the
-    packed keys, `prompt_lengths`, `completion_lengths` and `row_index` are returned.
+    rejected part, and at 0 for each pair), `packed_segment_ids` (PROMPT, CHOSEN, REJECTED, PAD) and
+    `packed_pair_ids` (the index of each column's pair in `rows`; padding takes its row's last pair) to the
+    `PairCollator` batch, so the reference cache, evaluation and SPO keep working on the unshared keys, which
+    stay in pair order. With `keep_unshared=False` only the packed keys, `prompt_lengths`,
+    `completion_lengths` and `row_index` are returned.
     """
 
-    def __init__(self, pad_token_id: int, *, keep_unshared: bool = True):
+    def __init__(self, pad_token_id: int, *, keep_unshared: bool = True, padding_free: bool = False,
+                 row_length: int | None = None):
         self.pairs = PairCollator(pad_token_id)  # validates the pad id
+        if row_length is not None and (isinstance(row_length, bool) or not isinstance(row_length, int) or row_length < 1):
+            raise ValueError(f"row_length {row_length!r}: expected a whole number of tokens >= 1, or None")
         self.pad_token_id = pad_token_id
         self.keep_unshared = keep_unshared
+        self.padding_free = padding_free
+        self.row_length = row_length
 
     def __call__(self, rows: Sequence[dict]) -> dict[str, torch.Tensor]:
         parts = [
@@ -153,21 +209,37 @@ class PrefixSharedCollator:
             )
             for r in rows
         ]
-        width = max(len(p) + sum(len(c) for c in completions) for p, completions in parts)
-        ids = torch.full((len(rows), width), self.pad_token_id, dtype=torch.long)
-        pos = torch.zeros((len(rows), width), dtype=torch.long)
-        seg = torch.full((len(rows), width), PAD, dtype=torch.long)
-        for i, (p, completions) in enumerate(parts):
-            n_p = len(p)
-            ids[i, :n_p] = torch.tensor(p, dtype=torch.long)
-            pos[i, :n_p] = torch.arange(n_p)
-            seg[i, :n_p] = PROMPT
-            at = n_p
-            for segment, c in enumerate(completions, start=CHOSEN):
-                ids[i, at : at + len(c)] = torch.tensor(c, dtype=torch.long)
-                pos[i, at : at + len(c)] = torch.arange(n_p, n_p + len(c))  # as if right after the prompt
-                seg[i, at : at + len(c)] = segment
-                at += len(c)
+        sizes = [len(p) + sum(len(c) for c in completions) for p, completions in parts]
+        if self.padding_free:
+            # A pair without tokens would occupy no column, so nothing could say where its log-probs are
+            # (tokenization drops empty completions; only hand-made rows get here).
+            empty = [r.get("row_index", i) for i, (r, n) in enumerate(zip(rows, sizes)) if n == 0]
+            if empty:
+                raise PrefalignError(f"pair of dataset row {empty[0]} has no tokens (empty prompt and completions); "
+                                     "padding-free packing needs at least one")
+            groups = first_fit_decreasing(sizes, self.row_length)
+        else:
+            groups = [[i] for i in range(len(rows))]
+        width = max(sum(sizes[i] for i in group) for group in groups)
+        ids = torch.full((len(groups), width), self.pad_token_id, dtype=torch.long)
+        pos = torch.zeros((len(groups), width), dtype=torch.long)
+        seg = torch.full((len(groups), width), PAD, dtype=torch.long)
+        pair = torch.empty((len(groups), width), dtype=torch.long)
+        for r, group in enumerate(groups):
+            at = 0
+            for i in group:
+                p, completions = parts[i]
+                n_p = len(p)
+                pair[r, at:] = i  # to the row's end: the padding after the last pair belongs to it
+                ids[r, at : at + n_p] = torch.tensor(p, dtype=torch.long)
+                pos[r, at : at + n_p] = torch.arange(n_p)
+                seg[r, at : at + n_p] = PROMPT
+                at += n_p
+                for segment, c in enumerate(completions, start=CHOSEN):
+                    ids[r, at : at + len(c)] = torch.tensor(c, dtype=torch.long)
+                    pos[r, at : at + len(c)] = torch.arange(n_p, n_p + len(c))  # as if right after the prompt
+                    seg[r, at : at + len(c)] = segment
+                    at += len(c)
         if self.keep_unshared:
             batch = self.pairs([{k: v for k, v in r.items() if k != "extra_completion_ids"} for r in rows])
         else:
@@ -178,36 +250,47 @@ class PrefixSharedCollator:
                 "row_index": torch.tensor([row["row_index"] for row in rows], dtype=torch.long),
                 **score_inputs(rows),
             }
-        batch.update(packed_input_ids=ids, packed_position_ids=pos, packed_segment_ids=seg)
+        batch.update(packed_input_ids=ids, packed_position_ids=pos, packed_segment_ids=seg, packed_pair_ids=pair)
         return batch
 
 
-def packed_inputs(batch: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(packed_input_ids, packed_position_ids, packed_segment_ids) of a `PrefixSharedCollator` batch."""
-    return tuple(batch[k] for k in PACKED_KEYS)
+def packed_inputs(batch: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """(packed_input_ids, packed_position_ids, packed_segment_ids, packed_pair_ids) of a `PrefixSharedCollator`
+    batch; a batch without a pair map (made by hand) has one pair per row (None)."""
+    return (*(batch[k] for k in PACKED_KEYS[:3]), batch.get(PACKED_KEYS[3]))
+
+
+def row_pairs(segment_ids: torch.Tensor) -> torch.Tensor:
+    """The pair map of one pair per row: every column of row r belongs to pair r."""
+    r, t = segment_ids.shape
+    return torch.arange(r, device=segment_ids.device)[:, None].expand(r, t)
 
 
 def allowed_attention(segment_ids: torch.Tensor, position_ids: torch.Tensor | None = None,
-                      window: int | None = None) -> torch.Tensor:
-    """[B, 1, T, T] bool, True = attend: a query sees earlier keys of the prompt and of its own segment (pads:
-    other pads, so no softmax row is empty), and with a sliding `window` only keys whose position id is
-    less than `window` behind its own — the window of the unshared row."""
+                      window: int | None = None, pair_ids: torch.Tensor | None = None) -> torch.Tensor:
+    """[R, 1, T, T] bool, True = attend: a query sees earlier keys of its own pair that are its prompt or its
+    own segment (pads: their row's last pair's prompt and pads, so no softmax row is empty), and with a
+    sliding `window` only keys whose position id is less than `window` behind its own — the window of the
+    unshared row. `pair_ids` None: one pair per row."""
+    pair_ids = row_pairs(segment_ids) if pair_ids is None else pair_ids
     t = segment_ids.shape[1]
     causal = torch.ones(t, t, dtype=torch.bool, device=segment_ids.device).tril()
     keys, queries = segment_ids[:, None, :], segment_ids[:, :, None]
-    allowed = causal & ((keys == PROMPT) | (keys == queries))
+    allowed = causal & (pair_ids[:, None, :] == pair_ids[:, :, None]) & ((keys == PROMPT) | (keys == queries))
     if window is not None:
         allowed = allowed & (position_ids[:, :, None] - position_ids[:, None, :] < window)
     return allowed[:, None]
 
 
 def prefix_sharing_mask(segment_ids: torch.Tensor, implementation: str = "sdpa", dtype=torch.float32,
-                        position_ids: torch.Tensor | None = None, window: int | None = None):
+                        position_ids: torch.Tensor | None = None, window: int | None = None,
+                        pair_ids: torch.Tensor | None = None):
     """The mask in the form the attention implementation takes: sdpa a bool tensor, eager an additive float
     tensor of `dtype` (0 or finfo.min), flex_attention a `BlockMask`."""
+    pair_ids = row_pairs(segment_ids) if pair_ids is None else pair_ids
     if implementation == "flex_attention":
-        return _block_mask(segment_ids, position_ids, window)
-    allowed = allowed_attention(segment_ids, position_ids, window)
+        return _block_mask(segment_ids, position_ids, window, pair_ids)
+    allowed = allowed_attention(segment_ids, position_ids, window, pair_ids)
     if implementation == "sdpa":
         return allowed
     if implementation == "eager":
@@ -215,13 +298,13 @@ def prefix_sharing_mask(segment_ids: torch.Tensor, implementation: str = "sdpa",
     raise ValueError(f"no prefix-sharing mask for attn_implementation {implementation!r}")
 
 
-def _block_mask(segment_ids: torch.Tensor, position_ids: torch.Tensor, window: int | None):
+def _block_mask(segment_ids: torch.Tensor, position_ids: torch.Tensor, window: int | None, pair_ids: torch.Tensor):
     from torch.nn.attention.flex_attention import create_block_mask
 
-    seg, pos = segment_ids, position_ids
+    seg, pos, pair = segment_ids, position_ids, pair_ids
 
     def mask_mod(b, h, q, k):
-        ok = (k <= q) & ((seg[b, k] == PROMPT) | (seg[b, k] == seg[b, q]))
+        ok = (k <= q) & (pair[b, k] == pair[b, q]) & ((seg[b, k] == PROMPT) | (seg[b, k] == seg[b, q]))
         if window is not None:
             ok = ok & (pos[b, q] - pos[b, k] < window)
         return ok
@@ -230,15 +313,47 @@ def _block_mask(segment_ids: torch.Tensor, position_ids: torch.Tensor, window: i
     return create_block_mask(mask_mod, b, None, t, t, device=segment_ids.device)
 
 
-def packed_attention_mask(model: torch.nn.Module, segment_ids: torch.Tensor, position_ids: torch.Tensor):
+def packed_attention_mask(model: torch.nn.Module, segment_ids: torch.Tensor, position_ids: torch.Tensor,
+                          pair_ids: torch.Tensor | None = None):
     """What to pass as `attention_mask` for a packed batch: one mask, or {layer_type: mask}."""
     plan = packing_plan(model)
     dtype = unwrap(model).get_input_embeddings().weight.dtype
-    masks = {t: prefix_sharing_mask(segment_ids, plan.implementation, dtype, position_ids, w) for t, w in plan.windows.items()}
+    pair_ids = row_pairs(segment_ids) if pair_ids is None else pair_ids
+    masks = {t: prefix_sharing_mask(segment_ids, plan.implementation, dtype, position_ids, w, pair_ids)
+             for t, w in plan.windows.items()}
     return masks if plan.per_layer_type else next(iter(masks.values()))
 
 
-def _unshared_rows(packed_ids: torch.Tensor, segment_ids: torch.Tensor):
+@dataclass(frozen=True)
+class PairSpans:
+    """Where each pair of a packed batch lies: its row, first column and part lengths, [B] each."""
+    row: torch.Tensor
+    start: torch.Tensor
+    n_prompt: torch.Tensor
+    n_chosen: torch.Tensor
+    n_rejected: torch.Tensor
+
+
+def pair_spans(segment_ids: torch.Tensor, pair_ids: torch.Tensor | None = None) -> PairSpans:
+    """The spans of the pairs in packed rows, read from the pair map (each pair's columns are contiguous, its
+    prompt first: what `PrefixSharedCollator` builds). Pairs are numbered 0..max(pair_ids)."""
+    pair_ids = row_pairs(segment_ids) if pair_ids is None else pair_ids
+    n_pairs = int(pair_ids.max()) + 1 if pair_ids.numel() else 0
+    device = segment_ids.device
+    # a pair starts where the map changes along its row (or at column 0)
+    before = torch.cat([torch.full_like(pair_ids[:, :1], -1), pair_ids[:, :-1]], dim=1)
+    rows, cols = (pair_ids != before).nonzero(as_tuple=True)
+    owner = pair_ids[rows, cols]  # one start per pair, so the scatter below writes each entry once
+    row = torch.zeros(n_pairs, dtype=torch.long, device=device).scatter_(0, owner, rows)
+    start = torch.zeros(n_pairs, dtype=torch.long, device=device).scatter_(0, owner, cols)
+
+    def count(segment):
+        return torch.bincount(pair_ids[segment_ids == segment], minlength=n_pairs)
+
+    return PairSpans(row, start, count(PROMPT), count(CHOSEN), count(REJECTED))
+
+
+def _unshared_rows(packed_ids: torch.Tensor, segment_ids: torch.Tensor, pair_ids: torch.Tensor | None = None):
     """Where, in the packed rows, each of the 2B unshared rows' scored positions lie.
 
     Row r (r < B: chosen of pair r; r >= B: rejected of pair r-B) gets positions k = 0..n: k = 0 is the last
@@ -246,17 +361,17 @@ def _unshared_rows(packed_ids: torch.Tensor, segment_ids: torch.Tensor):
     row of each unshared row [2B], the packed position of each k [2B, W] and labels [2B, W] holding
     completion token k-1 at k >= 1 (-100 elsewhere): the shape `score_hidden` expects (position k predicts
     label k+1)."""
-    b = packed_ids.shape[0]
-    n_prompt = (segment_ids == PROMPT).sum(1)
-    n_chosen = (segment_ids == CHOSEN).sum(1)
-    n_rejected = (segment_ids == REJECTED).sum(1)
-    lengths = torch.cat([n_chosen, n_rejected])
+    spans = pair_spans(segment_ids, pair_ids)
+    lengths = torch.cat([spans.n_chosen, spans.n_rejected])
     width = int(lengths.max()) + 1 if lengths.numel() else 1
     k = torch.arange(width, device=packed_ids.device)[None]
-    prompt = torch.cat([n_prompt, n_prompt])[:, None]
-    start = torch.cat([n_prompt, n_prompt + n_chosen])[:, None]  # first token of the completion
-    index = torch.where(k == 0, prompt - 1, start + k - 1).clamp(0, packed_ids.shape[1] - 1)
-    rows = torch.cat([torch.arange(b, device=packed_ids.device)] * 2)
+    prompt = torch.cat([spans.n_prompt, spans.n_prompt])[:, None]
+    begin = torch.cat([spans.start, spans.start])[:, None]  # the pair's first column
+    first = begin + prompt + torch.cat([torch.zeros_like(spans.n_chosen), spans.n_chosen])[:, None]
+    # k = 0 without a prompt points at the pair's own first column (never scored) rather than another pair's
+    last_prompt = torch.maximum(begin + prompt - 1, begin)
+    index = torch.where(k == 0, last_prompt, first + k - 1).clamp(0, packed_ids.shape[1] - 1)
+    rows = torch.cat([spans.row, spans.row])
     labels = packed_ids[rows[:, None], index]
     # Without a prompt the unshared row cannot score its first completion token either (nothing predicts it).
     scored = (k >= 1) & (k <= lengths[:, None]) & ((k >= 2) | (prompt > 0))
@@ -268,42 +383,64 @@ def prefix_shared_logps(
     packed_input_ids: torch.Tensor,
     packed_position_ids: torch.Tensor,
     packed_segment_ids: torch.Tensor,
+    packed_pair_ids: torch.Tensor | None = None,
     *,
     with_hidden_mean: bool = False,
     with_sum_sq: bool = False,
     chunk_tokens: int = CHUNK_TOKENS,
 ) -> SequenceLogps:
-    """Per-sequence completion log-probs of every pair's chosen and rejected completion, [2B] (chosen first),
-    from one forward of the B packed rows; as `sequence_logps` on the unshared rows would give them.
+    """Per-sequence completion log-probs of every pair's chosen and rejected completion, [2B] (chosen first,
+    in pair order whatever row a pair was packed into), from one forward of the packed rows; as
+    `sequence_logps` on the unshared rows would give them. `packed_pair_ids` None: one pair per row.
 
     `with_hidden_mean` adds each completion's mean final hidden state over its tokens (SPO), except that for
     a pair without prompt tokens it leaves out the first completion token (which then has no log-prob); the
     means of the extra completions follow the 2B pair rows, ordered by pair, then by segment."""
-    mask = packed_attention_mask(model, packed_segment_ids, packed_position_ids)
-    hidden = final_hidden_states(model, input_ids=packed_input_ids, attention_mask=mask, position_ids=packed_position_ids)
-    rows, index, labels = _unshared_rows(packed_input_ids, packed_segment_ids)
+    # The map is read before the forward: its few host reads then wait for the mask only, not for the model.
+    rows, index, labels = _unshared_rows(packed_input_ids, packed_segment_ids, packed_pair_ids)
+    extras = with_hidden_mean and int(packed_segment_ids.max()) >= FIRST_EXTRA
+    mask = packed_attention_mask(model, packed_segment_ids, packed_position_ids, packed_pair_ids)
+    with _static_shapes_for_cpu_flex(model, packed_input_ids):
+        hidden = final_hidden_states(model, input_ids=packed_input_ids, attention_mask=mask,
+                                     position_ids=packed_position_ids)
     lp = score_hidden(model, hidden[rows[:, None], index], labels, with_hidden_mean=with_hidden_mean,
                       with_sum_sq=with_sum_sq, chunk_tokens=chunk_tokens)
-    if with_hidden_mean and int(packed_segment_ids.max()) >= FIRST_EXTRA:
-        lp.hidden_mean = torch.cat([lp.hidden_mean, extra_hidden_means(hidden, packed_segment_ids)])
+    if extras:
+        lp.hidden_mean = torch.cat([lp.hidden_mean, extra_hidden_means(hidden, packed_segment_ids, packed_pair_ids)])
     return lp
 
 
-def extra_hidden_means(hidden: torch.Tensor, segment_ids: torch.Tensor) -> torch.Tensor:
-    """[E, H] mean final hidden state of every extra completion (segments >= 3), ordered by row, then segment."""
-    n_extra = int(segment_ids.max()) - FIRST_EXTRA + 1
-    one_hot = (segment_ids[:, :, None] == torch.arange(FIRST_EXTRA, FIRST_EXTRA + n_extra, device=hidden.device))
-    counts = one_hot.sum(1)  # [B, S]
-    sums = torch.einsum("bts,bth->bsh", one_hot.float(), hidden.float())
-    present = counts > 0
-    return sums[present] / counts[present][:, None]
+def _static_shapes_for_cpu_flex(model: torch.nn.Module, ids: torch.Tensor):
+    """transformers compiles FlexAttention; on the CPU, torch's inductor (2.13) fails to compile a BlockMask that
+    reads our id tensors once a second sequence length makes dynamo recompile with dynamic shapes ("C++ compile
+    error: 'cur_kvSplitSize…' was not declared"). Static shapes compile once per length, which works."""
+    import contextlib
+
+    if ids.device.type != "cpu" or packing_plan(model).implementation != "flex_attention":
+        return contextlib.nullcontext()
+    return torch._dynamo.config.patch(automatic_dynamic_shapes=False)
+
+
+def extra_hidden_means(hidden: torch.Tensor, segment_ids: torch.Tensor,
+                       pair_ids: torch.Tensor | None = None) -> torch.Tensor:
+    """[E, H] mean final hidden state of every extra completion (segments >= 3), ordered by pair, then segment."""
+    pair_ids = row_pairs(segment_ids) if pair_ids is None else pair_ids
+    extra = segment_ids >= FIRST_EXTRA
+    n_segments = int(segment_ids.max()) - FIRST_EXTRA + 1
+    key = pair_ids[extra] * n_segments + (segment_ids[extra] - FIRST_EXTRA)  # sorts by pair, then segment
+    groups, which = torch.unique(key, return_inverse=True)
+    # a one-hot matmul rather than index_add: deterministic on every device, and the groups are few; in fp32
+    # as the pair rows' means (autocast would round the sums to bf16)
+    one_hot = (which[:, None] == torch.arange(len(groups), device=hidden.device)).float()
+    with torch.autocast(hidden.device.type, enabled=False):
+        return (one_hot.T @ hidden[extra].float()) / one_hot.sum(0)[:, None]
 
 
 def pair_logps(model: torch.nn.Module, batch: dict, *, with_hidden_mean: bool = False,
                with_sum_sq: bool = False) -> SequenceLogps:
     """[2B] completion log-probs of a batch of pairs (chosen, then rejected), in the layout it carries:
-    packed when the collator packed it, else the 2B unshared rows."""
-    if "packed_input_ids" in batch:
+    prefix-shared (one or several pairs per row) when the collator packed it, else the 2B unshared rows."""
+    if PACKED_KEYS[0] in batch:
         return prefix_shared_logps(model, *packed_inputs(batch), with_hidden_mean=with_hidden_mean,
                                    with_sum_sq=with_sum_sq)
     return sequence_logps(model, batch["input_ids"], batch["attention_mask"], batch["labels"],

@@ -7,8 +7,10 @@
   identical, so only rounding may differ and the tolerance is tight: a missed or misread soft-cap, logit
   scale or vocabulary limit — or one the source does not show — is caught however small its effect on a
   completion's mean log-prob;
-- one small batch of two pairs scored by the fast path (and, with prefix sharing, packed) and by the model's
-  own `log_softmax(logits)`: masks, positions and prefix sharing, at a per-sequence tolerance;
+- one small batch of two pairs scored by the fast path (and, with prefix sharing, packed: both pairs in one
+  row, so the pattern within a pair and the isolation between pairs are checked at once — one pair per row
+  is its special case) and by the model's own `log_softmax(logits)`: masks, positions and prefix sharing, at
+  a per-sequence tolerance;
 - a pad id the model can embed.
 
 A disagreement stops the run with one line naming the model and the size of the difference, so a family
@@ -92,7 +94,11 @@ def check_fast_path(
     inner = unwrap(model)
     device = next(inner.parameters()).device
     rows = [_shortened(r) for r in rows]
-    batch = (PrefixSharedCollator if prefix_sharing else PairCollator)(pad_token_id)(rows)
+    if prefix_sharing:  # every pair in one row (see the module's docstring)
+        collator = PrefixSharedCollator(pad_token_id, padding_free=True, row_length=sum(_packed_size(r) for r in rows))
+    else:
+        collator = PairCollator(pad_token_id)
+    batch = collator(rows)
     batch = {k: v.to(device) for k, v in batch.items()}
     was_training = model.training
     model.eval()  # dropout would make the two paths differ for no fault of theirs
@@ -208,6 +214,10 @@ def _shortened(row: dict) -> dict:
         "rejected_input_ids": list(row["rejected_input_ids"])[:SELF_CHECK_COMPLETION],
         "row_index": row["row_index"],
     }
+
+
+def _packed_size(row: dict) -> int:
+    return sum(len(row[f"{part}_input_ids"]) for part in ("prompt", "chosen", "rejected"))
 
 
 def _naive_by_row(model, input_ids, attention_mask, labels) -> SequenceLogps:

@@ -41,14 +41,15 @@ def pad_cat(a: torch.Tensor, b: torch.Tensor, value: int) -> torch.Tensor:
     return torch.cat([pad(a), pad(b)])
 
 
-def collator_settings(data_collator, prefix_sharing: bool | None) -> tuple[bool | None, int]:
-    """(prefix_sharing, pad id) that a `data_collator` given to the trainer stands for.
+def collator_settings(data_collator, prefix_sharing: bool | None,
+                      padding_free: bool | None = None) -> tuple[bool | None, bool | None, int]:
+    """(prefix_sharing, padding_free, pad id) that a `data_collator` given to the trainer stands for.
 
     The trainer batches tokenized pairs itself (SPO samples, the reference pass, evaluation and the self-check
     read its batches' keys), so it takes prefalign's own collators for their layout and pad id: `PairCollator`
-    is the unshared layout, `PrefixSharedCollator` the packed one. Any other collator (transformers'
-    DataCollatorWithPadding, TRL's DataCollatorForPreference, a subclass of ours) is refused: it would be
-    dropped or fail mid-run."""
+    is the unshared layout, `PrefixSharedCollator` the packed one (one pair per row, or several with its
+    `padding_free`). Any other collator (transformers' DataCollatorWithPadding, TRL's
+    DataCollatorForPreference, a subclass of ours) is refused: it would be dropped or fail mid-run."""
     kind = type(data_collator)
     if kind not in (PairCollator, PrefixSharedCollator):
         raise PrefalignError(f"data_collator: {kind.__name__} is not supported; prefalign batches the tokenized pairs "
@@ -59,4 +60,10 @@ def collator_settings(data_collator, prefix_sharing: bool | None) -> tuple[bool 
         raise PrefalignError(f"data_collator: {kind.__name__} is the {'packed' if packed else 'unshared'} layout, and "
                              f"prefix_sharing is {str(prefix_sharing).lower()}; pass the other collator or leave "
                              "prefix_sharing unset")
-    return packed, data_collator.pad_token_id
+    free = packed and data_collator.padding_free
+    if padding_free is not None and padding_free != free:
+        layout = "several pairs per row" if free else "one pair per row" if packed else "unshared rows"
+        raise PrefalignError(f"data_collator: {kind.__name__} makes {layout}, and padding_free is "
+                             f"{str(padding_free).lower()}; pass a collator that does what padding_free says, or leave "
+                             "padding_free unset")
+    return packed, free, data_collator.pad_token_id
