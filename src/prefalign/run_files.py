@@ -70,6 +70,18 @@ SHARE_CORRECT = "grad/share_correct"  # share of the per-pair gradient weight |d
 SHARE_MISRANKED = "grad/share_misranked"
 SKIPPED_PREFIX = "skipped/"  # skipped/nonfinite_loss_batches, skipped/nonfinite_grad_steps
 EVAL_RANKING_ACCURACY = "eval_ranking_accuracy"
+# Telemetry (training/telemetry.py), per logged training step, over the training micro-batches of every process
+# since the previous log (evaluation excluded):
+TOKENS_PROCESSED = "tokens/processed"  # tokens the policy's forward ran on: rows x columns of its input, padding in
+TOKENS_PADDING = "tokens/padding"  # how many of those were padding
+PADDING_SHARE = "tokens/padding_share"  # tokens/padding / tokens/processed
+INTERVAL_SECONDS = "throughput/seconds"  # the training wall time the rates are over (data loading and step included)
+PAIRS_PER_SECOND = "throughput/pairs_per_second"
+TOKENS_PER_SECOND = "throughput/tokens_per_second"  # processed tokens (padding in) per second
+# CUDA only: the largest process's torch.cuda.max_memory_allocated since the previous log, GiB; and model FLOPs
+# utilization, training FLOPs of the non-padding tokens per second over the GPUs' dense bf16 peak (known GPUs)
+PEAK_ALLOCATED_GIB = "memory/peak_allocated_gib"
+MFU = "throughput/mfu"
 
 _JSON_TYPES = {dict: "object", list: "array", str: "string", int: "number", float: "number", bool: "boolean"}
 

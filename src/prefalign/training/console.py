@@ -5,17 +5,24 @@ from __future__ import annotations
 
 from transformers.trainer_callback import ProgressCallback
 
-from ..run_files import SHARE_MISRANKED
+from ..run_files import PADDING_SHARE, PAIRS_PER_SECOND, SHARE_MISRANKED
+
+
+def _rate(v: float) -> str:  # 0.331, 52.4, 1234
+    return f"{v:.0f}" if v >= 100 else f"{v:.3g}"
+
 
 # (metric, label, format) shown per logged training step
 TRAIN_LINE = (("loss", "loss", "{:.4f}"), ("rewards/accuracies", "acc", "{:.2f}"), ("rewards/margins", "margin", "{:+.3f}"),
-              (SHARE_MISRANKED, "grad on misranked", "{:.2f}"), ("learning_rate", "lr", "{:.2e}"))
+              (SHARE_MISRANKED, "grad on misranked", "{:.2f}"), ("learning_rate", "lr", "{:.2e}"),
+              (PAIRS_PER_SECOND, "pairs/s", _rate), (PADDING_SHARE, "pad", "{:.0%}"))
 
 
 def train_line(logs: dict, step: int, max_steps: int) -> str | None:
     if "loss" not in logs:
         return None
-    parts = [f"{label} {fmt.format(logs[key])}" for key, label, fmt in TRAIN_LINE if isinstance(logs.get(key), int | float)]
+    parts = [f"{label} {fmt(logs[key]) if callable(fmt) else fmt.format(logs[key])}"
+             for key, label, fmt in TRAIN_LINE if isinstance(logs.get(key), int | float)]
     return f"step {step}/{max_steps}  " + "  ".join(parts)
 
 
