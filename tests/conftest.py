@@ -73,3 +73,21 @@ def hh8(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("data") / "hh8.jsonl"
     out.write_text("".join(json.dumps(r) + "\n" for r in rows))
     return out
+
+
+def write_hh_pairs(folder: Path, n: int) -> Path:
+    """The first `n` real HH-RLHF test pairs whose completions differ, as `folder`/hh.jsonl."""
+    import gzip
+    import json
+
+    rows = []
+    with gzip.open(shared_path("data", "hh-rlhf", "helpful-base-test.jsonl.gz"), "rt", encoding="utf-8") as f:
+        for line in f:
+            r = json.loads(line)
+            if r["chosen"] != r["rejected"]:
+                rows.append(r)
+            if len(rows) == n:
+                break
+    out = folder / "hh.jsonl"
+    out.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return out

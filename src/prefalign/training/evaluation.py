@@ -23,10 +23,9 @@ from transformers.trainer_utils import EvalPrediction
 from ..config import SFT, PreferenceConfig
 from ..errors import PrefalignError
 from ..evaluate import summarize
+from ..objective import LOSS, REWARD_CHOSEN, REWARD_REJECTED, WPO_WEIGHT
 
 REWARD_METRICS = ("rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins")
-# per-pair record fields the trainer adds while scoring (PreferenceTrainer.loss_of_logps)
-LOSS, REWARD_CHOSEN, REWARD_REJECTED, WPO_WEIGHT = "loss", "reward_chosen", "reward_rejected", "wpo_weight"
 
 
 class PairPrediction(EvalPrediction):

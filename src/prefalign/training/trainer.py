@@ -1,7 +1,8 @@
 """`PreferenceTrainer`: transformers.Trainer with one concatenated forward pass per batch of pairs.
 
 The trainer knows a loss only through what it declares in the registry: whether it needs reference
-log-probs and whether it wants per-token means or sums. Everything else is `compute_loss`'s business.
+log-probs and whether it wants per-token means or sums. It reads batch → forward → objective → log: how the
+log-probs become the loss and its metrics is `objective.py`'s business.
 """
 
 from __future__ import annotations
@@ -16,28 +17,29 @@ from transformers import Trainer
 from transformers.trainer_callback import PrinterCallback, ProgressCallback
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
-from ..config import SFT, PreferenceConfig
+from ..config import PreferenceConfig
 from ..data.collate import PairCollator
 from ..errors import PrefalignError
 from ..evaluate import score_pairs, summarize
-from ..losses import LOSSES, compute_loss
+from ..losses import LOSSES
 from ..modeling import (
     PrefixSharingRefused,
     check_fast_path,
     packing_plan,
     pair_logps,
-    resolve_prefix_sharing,
+    resolve_layout,
     sequence_logps,
     usable_pad_id,
 )
 from ..modeling.packing import PrefixSharedCollator, packed_inputs, prefix_shared_logps
-from ..modeling.sequence_weights import length_desensitized, wpo_weights
+from ..modeling.sequence_weights import length_desensitized
+from ..objective import Objective, SPOTerm, compute_objective
 from ..run_files import (
     SHARE_CORRECT,
     SHARE_MISRANKED,
     SKIPPED_PREFIX,
 )
-from ..spo import SPOCollator, SPOHead, all_degree_packed, all_degree_rows, spo_loss
+from ..spo import SPOCollator, SPOHead, all_degree_packed, all_degree_rows
 from .callbacks import (
     MetricsFileCallback,
     NonFiniteGradientGuard,
@@ -58,10 +60,6 @@ from .console import Console
 from .datasets import TOKENIZED_COLUMNS, add_length_column
 from .distributed import gather_variable, local_offset
 from .evaluation import (
-    LOSS,
-    REWARD_CHOSEN,
-    REWARD_REJECTED,
-    WPO_WEIGHT,
     check_best_metric,
     check_trainer_kwargs,
     has_objective,
@@ -71,7 +69,7 @@ from .evaluation import (
     objective_metrics,
     user_metrics,
 )
-from .inputs import frozen_copy, resolve_inputs
+from .inputs import frozen_copy, prepared_eval_set, resolve_inputs
 from .run_folder import check_writable, recording_writes
 from .run_state import (
     SyncReference,
@@ -81,6 +79,7 @@ from .run_state import (
     save_loss_state,
     save_synced_reference,
 )
+from .telemetry import meter
 
 log = logging.getLogger(__name__)
 
@@ -105,13 +104,16 @@ class PreferenceTrainer(CrashSafeCheckpointing, Trainer):
         check_best_metric(args, eval_dataset, kwargs.get("compute_metrics"))
         pad = None
         if data_collator is not None:  # prefalign's own collators: their layout and pad id
-            args.prefix_sharing, pad = collator_settings(data_collator, args.prefix_sharing)
+            args.prefix_sharing, args.padding_free, pad = collator_settings(data_collator, args.prefix_sharing,
+                                                                            args.padding_free)
         given = resolve_inputs(model, args, processing_class=processing_class, ref_model=ref_model,
                                peft_config=peft_config, train_dataset=train_dataset, eval_dataset=eval_dataset)
         model, ref_model, self.data_report = given.model, given.ref_model, given.data_report
-        args.prefix_sharing = resolve_prefix_sharing(args.prefix_sharing, model)  # None: on where it is exact
+        # None: on where it is exact; padding-free packing (several pairs per row) follows prefix sharing
+        args.prefix_sharing, args.padding_free = resolve_layout(args.prefix_sharing, args.padding_free, model)
         pad = usable_pad_id(model, given.tokenizer) if pad is None else pad
-        data_collator = PrefixSharedCollator(pad) if args.prefix_sharing else PairCollator(pad)
+        data_collator = (PrefixSharedCollator(pad, padding_free=args.padding_free) if args.prefix_sharing
+                         else PairCollator(pad))
         train_dataset, eval_dataset = given.train_dataset, given.eval_dataset
         if args.train_sampling_strategy == "group_by_length":
             def grouped(ds):
@@ -377,68 +379,34 @@ class PreferenceTrainer(CrashSafeCheckpointing, Trainer):
         refs = self.reference_logps(model, batch)  # (sums, means) or None
         if refs is None and self.ref_mode != "none":
             raise PrefalignError("reference=precomputed but the batch carries no reference log-probs")
-        loss, out, extra, _ = self.loss_of_logps(model, batch, lp, refs)
-        n_spo = self._global_spo_samples(batch) if self.spo_head is not None and model.training else None
+        term = None
         if spo:
-            aux, spo_metrics = spo_loss(self.spo_head, lp.hidden_mean[batch["spo_source"]], batch["spo_degrees"])
-            if n_spo is not None:
-                # The mean over every process's samples (ranks may draw different numbers of them), as one
-                # process would take it: DDP/FSDP average the gradients over processes, hence the factor.
-                aux = aux * len(batch["spo_degrees"]) * self.accelerator.num_processes / n_spo
-            loss = loss + a.spo_weight * aux
-            extra.update(spo_metrics)
-        return loss, out, extra
+            n_spo = self._global_spo_samples(batch) if model.training else None
+            scale = 1.0 if n_spo is None else len(batch["spo_degrees"]) * self.accelerator.num_processes / n_spo
+            term = SPOTerm(self.spo_head, lp.hidden_mean[batch["spo_source"]], batch["spo_degrees"], scale)
+        result = self._objective(model, batch, lp, refs, spo=term)
+        return result.loss, result.first, result.metrics
 
     def loss_of_logps(self, model, batch: dict, lp, refs):
-        """The preference terms (Σ w_k · mean ℓ_k) and the SFT term of a batch from the policy's log-probs `lp`
-        and the reference's `refs` ((sums, means) or None): (loss, the first loss's output, its metrics, per-pair
-        fields [B] for evaluation: Σ w_k · ℓ_k, the first loss's rewards and, with WPO, the pair weights)."""
+        """The objective of a batch from log-probs already computed (evaluation scores with them): (loss, the
+        first loss's output, its metrics, per-pair fields [B])."""
+        result = self._objective(model, batch, lp, refs)
+        return result.loss, result.first, result.metrics, result.per_pair
+
+    def _objective(self, model, batch: dict, lp, refs, spo=None):
+        """`objective.compute_objective` with what only the trainer knows: the processes (batch statistics are
+        pooled over them) and the stateful losses' running statistics (moved by training, never by evaluation)."""
+        pooled = self.accelerator.num_processes > 1
         b = batch["row_index"].shape[0]
-        a = self.args
-        wpo = a.use_weighting
-        sums, means = (lp.sum, lp.mean) if a.ld_alpha is None else length_desensitized(lp, a.ld_alpha)
-        weights = wpo_weights(lp, clamp=a.wpo_clamp) if wpo else None
-        side = {"chosen_lengths": lp.n_tokens[:b], "rejected_lengths": lp.n_tokens[b:],
-                "chosen_scores": batch.get("chosen_scores"), "rejected_scores": batch.get("rejected_scores")}
-        terms = [(n, w) for n, w in a.loss_terms() if n != SFT]
-        loss, out, extra, per_pair = 0.0, None, {}, 0.0
-        for name, weight in terms:  # total = Σ w_k · mean ℓ_k, as TRL combines a list of loss types
-            spec = LOSSES[name]
-            used = means if spec.length_normalized else sums
-            ref = None if refs is None or not spec.needs_reference else refs[1 if spec.length_normalized else 0]
-            runtime = dict(side)
-            if spec.gathers and self.accelerator.num_processes > 1:
-                # Batch statistics over the micro-batch gathered from every process, as the authors' code does.
-                runtime["gather_fn"] = lambda t: gather_variable(self.accelerator, t)
-                runtime["local_offset"] = local_offset(self.accelerator, b)
-            if spec.stateful:
-                runtime.update(state=self.loss_state.get(name), seed=a.seed)
-            term = compute_loss(name, used[:b], used[b:], None if ref is None else ref[:b],
-                                None if ref is None else ref[b:], pair_weights=weights, **runtime,
-                                **a.loss_hparams(name))
-            if spec.stateful and model.training:
-                self.loss_state[name] = term.state  # evaluation never moves the running statistics
-            loss = loss + weight * term.losses.mean()
-            per_pair = per_pair + weight * term.losses.detach()
-            if out is None:  # the first loss's metrics (rewards/*, grad/share_*) describe the run, as one loss
-                out = term
-                extra = {"logps/chosen": used[:b].detach().mean(), "logps/rejected": used[b:].detach().mean()}
-            if len(terms) > 1:
-                extra[f"loss/{name}"] = term.losses.detach().mean()
-        if weights is not None:
-            extra["wpo/weight"] = weights.mean()
-        for sft, weighted in ((a.sft_weight, False), (sum(w for n, w in a.loss_terms() if n == SFT), wpo)):
-            if sft > 0:
-                # Token-averaged NLL of the chosen completions (TRL's "sft" term; the AMaPO code's
-                # CrossEntropyLoss); TRL weights its sft loss_type by the mean WPO weight too.
-                nll = -lp.sum[:b].sum() / lp.n_tokens[:b].sum().clamp(min=1)
-                loss = loss + sft * (nll * weights.mean() if weighted else nll)
-                extra["sft_loss"] = nll.detach()
-        # (sft alone is refused by the config: there is always a first preference loss)
-        pairs = {LOSS: per_pair, REWARD_CHOSEN: out.rewards_chosen, REWARD_REJECTED: out.rewards_rejected}
-        if weights is not None:
-            pairs[WPO_WEIGHT] = weights
-        return loss, out, extra, pairs
+        # read from the arguments at every batch, as before: a callback or script that changes them is honoured
+        result = compute_objective(
+            Objective.from_config(self.args), lp, refs, chosen_scores=batch.get("chosen_scores"),
+            rejected_scores=batch.get("rejected_scores"), states=self.loss_state,
+            gather_fn=(lambda t: gather_variable(self.accelerator, t)) if pooled else None,
+            local_offset=local_offset(self.accelerator, b) if pooled else None, spo=spo)
+        if model.training:
+            self.loss_state.update(result.states)
+        return result
 
     def _global_spo_samples(self, batch: dict) -> int:
         """SPO samples of this micro-batch over all processes (every rank takes part, with 0 if it has none)."""
@@ -493,6 +461,8 @@ class PreferenceTrainer(CrashSafeCheckpointing, Trainer):
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         mode = "train" if model.training else "eval"
+        if mode == "train":  # the tokens, padding and pairs this forward runs on, reported at the next log
+            meter(self).count(inputs)
         loss, out, extra = self.pair_loss(model, inputs)
         rows = inputs["row_index"].tolist()
         finite = bool(torch.isfinite(loss))
@@ -529,7 +499,9 @@ class PreferenceTrainer(CrashSafeCheckpointing, Trainer):
     def log(self, logs: dict, start_time: float | None = None) -> None:
         mode = "train" if "loss" in logs else "eval" if any(k.startswith("eval_") for k in logs) else None
         if mode == "train":
-            logs.update(self._collect(mode))  # skip counts included, summed over processes
+            logs.update(self._collect(mode))  # skip counts and telemetry included, summed over processes
+        elif mode == "eval":
+            meter(self).evaluation_ended()  # evaluation time is not training time (telemetry.py)
         super().log(logs, start_time)
 
     def _collect(self, mode: str) -> dict:
@@ -541,6 +513,7 @@ class PreferenceTrainer(CrashSafeCheckpointing, Trainer):
             "metrics": {k: (sum(v), len(v)) for k, v in store.items()},
             "alloc": list(self._alloc[mode]),
             "skipped": dict(self._skipped),
+            "telemetry": meter(self).take() if mode == "train" else None,
         }
         parts = [local]
         if self.accelerator.num_processes > 1:
@@ -563,6 +536,8 @@ class PreferenceTrainer(CrashSafeCheckpointing, Trainer):
             for k, v in part["skipped"].items():
                 skipped[k] = skipped.get(k, 0) + v
         out.update({f"{SKIPPED_PREFIX}{k}": v for k, v in skipped.items() if v})
+        if mode == "train":
+            out.update(meter(self).metrics([p["telemetry"] for p in parts], self))
         store.clear()
         self._alloc[mode] = [0.0, 0.0]
         return out
@@ -573,6 +548,9 @@ class PreferenceTrainer(CrashSafeCheckpointing, Trainer):
         eval datasets gives `eval_{dataset}_{name}` for each, as transformers does."""
         if isinstance(eval_dataset, str):  # transformers passes a dict's key
             eval_dataset = self.eval_dataset[eval_dataset]
+        elif eval_dataset is not None and not isinstance(eval_dataset, dict):
+            # raw pairs given to evaluate() itself are read and tokenized as the trainer's own eval set (TRL does)
+            eval_dataset, _ = prepared_eval_set(eval_dataset, self.processing_class, self.args, metric_key_prefix)
         datasets = eval_dataset if eval_dataset is not None else self.eval_dataset
         if isinstance(datasets, dict):
             metrics = {}
