@@ -48,7 +48,7 @@ def score_pairs(
         for batch in batches:
             b = batch["row_index"].shape[0]
             with autocast():
-                lp = pair_logps(model, batch, with_sum_sq=with_sum_sq)  # packed when the collator packed it
+                lp = pair_logps(model, batch, with_sum_sq=with_sum_sq)  # in the batch's layout
             fields = {
                 "index": batch["row_index"],
                 "chosen_logp_mean": lp.mean[:b],
@@ -306,8 +306,7 @@ def scoring_loader(policy, ref_model, tokenizer, tok, *, batch_size: int, device
     dataset order)."""
     from torch.utils.data import DataLoader
 
-    from .data import PairCollator
-    from .modeling import PrefixSharedCollator, check_fast_path, resolve_prefix_sharing, usable_pad_id
+    from .modeling import Layout, check_fast_path, resolve_prefix_sharing, usable_pad_id
 
     packed = resolve_prefix_sharing(prefix_sharing, policy)
     if ref_model is not None:
@@ -320,8 +319,9 @@ def scoring_loader(policy, ref_model, tokenizer, tok, *, batch_size: int, device
         if scored is not None and rows:
             check_fast_path(scored, rows, pad, prefix_sharing=packed, autocast=autocast, role=role)
     # padding-free wherever prefix-shared: pairs of a batch laid end to end, no row wider than its longest pair
-    collator = PrefixSharedCollator(pad, keep_unshared=False, padding_free=True) if packed else PairCollator(pad)
-    order = longest_first(tok, packed=packed) if sort_by_length else range(len(tok))
+    layout = Layout.of(packed, padding_free=True)
+    collator = layout.collator(pad, keep_unshared=False)
+    order = longest_first(tok, layout=layout) if sort_by_length else range(len(tok))
     loader = DataLoader(tok, batch_size=batch_size, sampler=list(order),
                         collate_fn=lambda rows: {k: v.to(device) for k, v in collator(rows).items()})
     ref_fn = None
@@ -334,9 +334,9 @@ def scoring_loader(policy, ref_model, tokenizer, tok, *, batch_size: int, device
     return loader, ref_fn
 
 
-def longest_first(tok, *, packed: bool) -> list[int]:
-    """Pair indices by the tokens they put in a batch, longest first: similar lengths share a batch (little
-    padding), and a batch too long for memory fails at once rather than at the end."""
+def longest_first(tok, *, layout) -> list[int]:
+    """Pair indices by the tokens they put in a batch of `layout`, longest first: similar lengths share a batch
+    (little padding), and a batch too long for memory fails at once rather than at the end."""
     p, c, r = (tok[f"{k}_input_ids"] for k in ("prompt", "chosen", "rejected"))
-    size = [len(a) + len(b) + len(d) if packed else len(a) + max(len(b), len(d)) for a, b, d in zip(p, c, r)]
+    size = [layout.pair_tokens(len(a), len(b), len(d)) for a, b, d in zip(p, c, r)]
     return sorted(range(len(size)), key=lambda i: -size[i])

@@ -14,7 +14,8 @@ rows as fit, first-fit decreasing by packed length, a row no longer than the mic
 every column the index of its pair in the batch (padding belongs to the last pair of its row); the mask
 also requires the same pair, position ids restart per pair, and the outputs come back in pair order —
 chosen of pairs 0..B-1, then rejected — whatever row a pair went to. One pair per row is the special case,
-so everything below reads the pair map and never asks which layout a batch has.
+so everything below reads the pair map and never asks which layout a batch has. The rows are built in
+`rows.py`; callers score a batch through `layout.pair_logps`, which picks this path or the unshared one.
 
     collator = PrefixSharedCollator(pad_token_id=tok.pad_token_id, padding_free=True)
     batch = collator(rows)  # the PairCollator keys plus packed_* keys
@@ -42,20 +43,18 @@ import inspect
 import logging
 import re
 import weakref
-from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
 
-from ..data.collate import PairCollator, score_inputs
 from ..errors import PrefalignError
 from .head import model_class, unwrap
-from .logps import CHUNK_TOKENS, SequenceLogps, final_hidden_states, score_hidden, sequence_logps
+from .logps import CHUNK_TOKENS, SequenceLogps, final_hidden_states, score_hidden
+from .rows import CHOSEN, FIRST_EXTRA, PAD, PROMPT, REJECTED, PrefixSharedCollator, first_fit_decreasing  # noqa: F401
+
+# (PAD, the collator and first_fit_decreasing are re-exported: imported from here before rows.py held them)
 
 log = logging.getLogger(__name__)
-
-PROMPT, CHOSEN, REJECTED, PAD = 0, 1, 2, -1  # segment ids; extra completions take 3, 4, ...
-FIRST_EXTRA = 3
 PACKED_KEYS = ("packed_input_ids", "packed_position_ids", "packed_segment_ids", "packed_pair_ids")
 MASK_IMPLEMENTATIONS = ("sdpa", "eager", "flex_attention")
 LAYER_TYPES = ("full_attention", "sliding_attention")
@@ -156,102 +155,6 @@ def resolve_layout(prefix_sharing: bool | None, padding_free: bool | None, model
             raise PrefixSharingRefused(f"padding_free: true packs prefix-shared pairs; {refusal}") from None
         raise
     return shared, shared if padding_free is None else bool(padding_free)
-
-
-def first_fit_decreasing(sizes: Sequence[int], capacity: int | None = None) -> list[list[int]]:
-    """Indices of `sizes` grouped into rows of at most `capacity` (default: the largest size), first-fit
-    decreasing: largest first, each into the first row with room. A size above `capacity` gets a row of its
-    own. Ties keep the input order, so the same sizes always give the same rows."""
-    capacity = max(sizes, default=0) if capacity is None else capacity
-    rows: list[list[int]] = []
-    room: list[int] = []
-    for i in sorted(range(len(sizes)), key=lambda i: (-sizes[i], i)):
-        for r, free in enumerate(room):
-            if sizes[i] <= free:
-                rows[r].append(i)
-                room[r] -= sizes[i]
-                break
-        else:
-            rows.append([i])
-            room.append(capacity - sizes[i])
-    return rows
-
-
-class PrefixSharedCollator:
-    """Batch tokenized pairs as right-padded rows of prompt + chosen + rejected: one pair per row, or with
-    `padding_free` as many pairs per row as fit (`first_fit_decreasing` by packed length; a row at most
-    `row_length` tokens, default the batch's longest pair, so no row is wider than one pair per row makes it).
-
-    Adds `packed_input_ids`, `packed_position_ids` (0.. over prompt+chosen, restarting at len(prompt) for the
-    rejected part, and at 0 for each pair), `packed_segment_ids` (PROMPT, CHOSEN, REJECTED, PAD) and
-    `packed_pair_ids` (the index of each column's pair in `rows`; padding takes its row's last pair) to the
-    `PairCollator` batch, so the reference cache, evaluation and SPO keep working on the unshared keys, which
-    stay in pair order. With `keep_unshared=False` only the packed keys, `prompt_lengths`,
-    `completion_lengths` and `row_index` are returned.
-    """
-
-    def __init__(self, pad_token_id: int, *, keep_unshared: bool = True, padding_free: bool = False,
-                 row_length: int | None = None):
-        self.pairs = PairCollator(pad_token_id)  # validates the pad id
-        if row_length is not None and (isinstance(row_length, bool) or not isinstance(row_length, int) or row_length < 1):
-            raise ValueError(f"row_length {row_length!r}: expected a whole number of tokens >= 1, or None")
-        self.pad_token_id = pad_token_id
-        self.keep_unshared = keep_unshared
-        self.padding_free = padding_free
-        self.row_length = row_length
-
-    def __call__(self, rows: Sequence[dict]) -> dict[str, torch.Tensor]:
-        parts = [
-            (
-                list(r["prompt_input_ids"]),
-                [list(r["chosen_input_ids"]), list(r["rejected_input_ids"])]
-                + [list(c) for c in r.get("extra_completion_ids") or []],
-            )
-            for r in rows
-        ]
-        sizes = [len(p) + sum(len(c) for c in completions) for p, completions in parts]
-        if self.padding_free:
-            # A pair without tokens would occupy no column, so nothing could say where its log-probs are
-            # (tokenization drops empty completions; only hand-made rows get here).
-            empty = [r.get("row_index", i) for i, (r, n) in enumerate(zip(rows, sizes)) if n == 0]
-            if empty:
-                raise PrefalignError(f"pair of dataset row {empty[0]} has no tokens (empty prompt and completions); "
-                                     "padding-free packing needs at least one")
-            groups = first_fit_decreasing(sizes, self.row_length)
-        else:
-            groups = [[i] for i in range(len(rows))]
-        width = max(sum(sizes[i] for i in group) for group in groups)
-        ids = torch.full((len(groups), width), self.pad_token_id, dtype=torch.long)
-        pos = torch.zeros((len(groups), width), dtype=torch.long)
-        seg = torch.full((len(groups), width), PAD, dtype=torch.long)
-        pair = torch.empty((len(groups), width), dtype=torch.long)
-        for r, group in enumerate(groups):
-            at = 0
-            for i in group:
-                p, completions = parts[i]
-                n_p = len(p)
-                pair[r, at:] = i  # to the row's end: the padding after the last pair belongs to it
-                ids[r, at : at + n_p] = torch.tensor(p, dtype=torch.long)
-                pos[r, at : at + n_p] = torch.arange(n_p)
-                seg[r, at : at + n_p] = PROMPT
-                at += n_p
-                for segment, c in enumerate(completions, start=CHOSEN):
-                    ids[r, at : at + len(c)] = torch.tensor(c, dtype=torch.long)
-                    pos[r, at : at + len(c)] = torch.arange(n_p, n_p + len(c))  # as if right after the prompt
-                    seg[r, at : at + len(c)] = segment
-                    at += len(c)
-        if self.keep_unshared:
-            batch = self.pairs([{k: v for k, v in r.items() if k != "extra_completion_ids"} for r in rows])
-        else:
-            prompts = [len(p) for p, _ in parts]
-            batch = {
-                "completion_lengths": torch.tensor([len(c[0]) for _, c in parts] + [len(c[1]) for _, c in parts]),
-                "prompt_lengths": torch.tensor(prompts + prompts),
-                "row_index": torch.tensor([row["row_index"] for row in rows], dtype=torch.long),
-                **score_inputs(rows),
-            }
-        batch.update(packed_input_ids=ids, packed_position_ids=pos, packed_segment_ids=seg, packed_pair_ids=pair)
-        return batch
 
 
 def packed_inputs(batch: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
@@ -434,14 +337,3 @@ def extra_hidden_means(hidden: torch.Tensor, segment_ids: torch.Tensor,
     one_hot = (which[:, None] == torch.arange(len(groups), device=hidden.device)).float()
     with torch.autocast(hidden.device.type, enabled=False):
         return (one_hot.T @ hidden[extra].float()) / one_hot.sum(0)[:, None]
-
-
-def pair_logps(model: torch.nn.Module, batch: dict, *, with_hidden_mean: bool = False,
-               with_sum_sq: bool = False) -> SequenceLogps:
-    """[2B] completion log-probs of a batch of pairs (chosen, then rejected), in the layout it carries:
-    prefix-shared (one or several pairs per row) when the collator packed it, else the 2B unshared rows."""
-    if PACKED_KEYS[0] in batch:
-        return prefix_shared_logps(model, *packed_inputs(batch), with_hidden_mean=with_hidden_mean,
-                                   with_sum_sq=with_sum_sq)
-    return sequence_logps(model, batch["input_ids"], batch["attention_mask"], batch["labels"],
-                          with_hidden_mean=with_hidden_mean, with_sum_sq=with_sum_sq)

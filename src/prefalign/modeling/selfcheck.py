@@ -26,12 +26,11 @@ from dataclasses import dataclass
 
 import torch
 
-from ..data.collate import PairCollator
 from ..errors import PrefalignError
 from . import logps as _logps
 from .head import model_class, unwrap
-from .logps import SequenceLogps, naive_sequence_logps, sequence_logps
-from .packing import PrefixSharedCollator, packed_inputs, prefix_shared_logps
+from .layout import Layout, pair_logps
+from .logps import SequenceLogps, naive_sequence_logps
 
 log = logging.getLogger(__name__)
 
@@ -94,11 +93,9 @@ def check_fast_path(
     inner = unwrap(model)
     device = next(inner.parameters()).device
     rows = [_shortened(r) for r in rows]
-    if prefix_sharing:  # every pair in one row (see the module's docstring)
-        collator = PrefixSharedCollator(pad_token_id, padding_free=True, row_length=sum(_packed_size(r) for r in rows))
-    else:
-        collator = PairCollator(pad_token_id)
-    batch = collator(rows)
+    layout = Layout.PACKED if prefix_sharing else Layout.UNSHARED  # every pair in one row (the docstring says why)
+    row_length = sum(_packed_size(r) for r in rows) if prefix_sharing else None
+    batch = layout.collator(pad_token_id, row_length=row_length)(rows)
     batch = {k: v.to(device) for k, v in batch.items()}
     was_training = model.training
     model.eval()  # dropout would make the two paths differ for no fault of theirs
@@ -108,8 +105,8 @@ def check_fast_path(
             head_diff, head_tol = check_head(model, batch["input_ids"], batch["attention_mask"], role=role)
             args = (batch["input_ids"], batch["attention_mask"], batch["labels"])
             naive = _naive_by_row(model, *args)
-            fast = sequence_logps(model, *args)
-            packed = prefix_shared_logps(model, *packed_inputs(batch)) if prefix_sharing else None
+            fast = pair_logps(model, batch, layout=Layout.UNSHARED)
+            packed = pair_logps(model, batch, layout=layout) if prefix_sharing else None
     finally:
         model.train(was_training)
     tolerance = TOLERANCE["low" if low else "full"]

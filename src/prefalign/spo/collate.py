@@ -25,7 +25,8 @@ import random
 
 import torch
 
-from ..data.collate import pad_sequences
+from ..modeling.layout import Layout
+from ..modeling.rows import extra_rows, pad_sequences
 
 
 def draw_degree(
@@ -94,15 +95,7 @@ class SPOCollator:
     def add(self, batch: dict, rows: list[dict]) -> dict:
         """Unshared layout: the degraded completions as extra rows prompt + completion (`spo_input_ids`, …)."""
         extras, source, degree = self.draw(rows)
-        new_rows = [(list(row["prompt_input_ids"]), c) for row, cs in zip(rows, extras) for c in cs]
-        padded = pad_sequences(new_rows, self.pad_token_id)
-        batch.update(
-            spo_input_ids=padded["input_ids"],
-            spo_attention_mask=padded["attention_mask"],
-            spo_labels=padded["labels"],
-            spo_source=source,
-            spo_degrees=degree,
-        )
+        batch.update(extra_rows(rows, extras, self.pad_token_id), spo_source=source, spo_degrees=degree)
         return batch
 
 
@@ -148,3 +141,12 @@ def all_degree_packed(rows: list[dict], degrees: int, collator) -> dict:
     batch = collator(packed_rows)
     batch.update(sources=torch.tensor(sources, dtype=torch.long), degrees=torch.tensor(degree, dtype=torch.long))
     return batch
+
+
+def all_degree_collate(layout: Layout, pad_token_id: int, degrees: int):
+    """The collate function of `layout`'s degree batches (`all_degree_packed` when the prefix is shared, one
+    pair per row; else `all_degree_rows`); `modeling.layout.completion_hidden_means` scores them."""
+    if layout.shares_prefix:
+        collator = Layout.PREFIX_SHARED.collator(pad_token_id, keep_unshared=False)
+        return lambda rows: all_degree_packed(rows, degrees, collator)
+    return lambda rows: all_degree_rows(rows, degrees, pad_token_id)

@@ -8,9 +8,13 @@ read data the same way.
 from __future__ import annotations
 
 import logging
+from typing import TYPE_CHECKING
 
 from ..config import PreferenceConfig
 from ..errors import PrefalignError
+
+if TYPE_CHECKING:
+    from ..modeling.layout import Layout
 
 log = logging.getLogger(__name__)
 
@@ -71,15 +75,12 @@ def prepare_pairs(source, tokenizer, cfg: PreferenceConfig, *, name: str, split=
     return tok, report
 
 
-def add_length_column(tok, column: str, *, packed: bool):
-    """The tokens a pair puts in a batch, for transformers' `train_sampling_strategy="group_by_length"`:
-    prompt + chosen + rejected in the packed (prefix-sharing) layout, prompt + the longer completion in the
-    unshared one (both completions' rows are padded to it)."""
+def add_length_column(tok, column: str, *, layout: Layout):
+    """The tokens a pair puts in a batch of `layout` (`Layout.pair_tokens`), for transformers'
+    `train_sampling_strategy="group_by_length"`."""
 
     def lengths(batch):
         p, c, r = (batch[f"{k}_input_ids"] for k in ("prompt", "chosen", "rejected"))
-        if packed:
-            return {column: [len(a) + len(b) + len(d) for a, b, d in zip(p, c, r)]}
-        return {column: [len(a) + max(len(b), len(d)) for a, b, d in zip(p, c, r)]}
+        return {column: [layout.pair_tokens(len(a), len(b), len(d)) for a, b, d in zip(p, c, r)]}
 
     return tok.map(lengths, batched=True, desc="Measuring pair lengths")

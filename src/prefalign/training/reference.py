@@ -41,7 +41,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from ..errors import PrefalignError
-from ..modeling import pair_logps, unwrap
+from ..modeling import Layout, pair_logps, unwrap
 from ..modeling.sequence_weights import length_desensitized
 
 log = logging.getLogger(__name__)
@@ -500,10 +500,9 @@ def score_missing(table: ReferenceTable, loader, n_batches: int, scorer, *, plan
                 was_training = model.training
                 model.eval()
             inputs = {k: v.to(device) for k, v in batch.items() if isinstance(v, torch.Tensor)}
-            if not packed:
-                inputs = {k: v for k, v in inputs.items() if not k.startswith("packed_")}
             with autocast() if autocast else torch.autocast(device.type, enabled=False):
-                lp = pair_logps(model, inputs)
+                # the batch's own layout, or its unshared rows for a reference model that refuses prefix sharing
+                lp = pair_logps(model, inputs, layout=None if packed else Layout.UNSHARED)
             n = rows.shape[0]
             sums, means = (lp.sum, lp.mean) if ld_alpha is None else length_desensitized(lp, ld_alpha)
             pending_values.append(torch.stack([sums[:n], sums[n:], means[:n], means[n:]], dim=1).float())

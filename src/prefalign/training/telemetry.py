@@ -11,8 +11,9 @@ The trainer makes four calls (`meter(trainer)` makes the meter on first use, one
 What is counted is the tensor the forward is given, whatever the layout: rows × columns of `packed_input_ids`
 when the batch is packed (prefix sharing; padding is segment id PAD), else of `input_ids` (2B unshared rows;
 padding is attention_mask 0) together with SPO's degraded rows, which ride in the same forward padded to the
-wider of the two (`training/collate.pad_cat`). The reference model's forwards are not counted (precomputed by
-default; a live reference adds 2·params·tokens that MFU leaves out).
+wider of the two (`modeling/layout.pad_cat`); the layout's `forward_tokens` counts them. The reference
+model's forwards are not counted (precomputed by default; a live reference adds 2·params·tokens that MFU
+leaves out).
 
 Nothing here synchronises the device per step: token and pair counts come from tensor shapes, and the padding
 count is summed on the batch's device and read once per log.
@@ -26,7 +27,7 @@ import time
 
 import torch
 
-from ..modeling.packing import PAD
+from ..modeling.layout import forward_tokens  # the layout counts what its forward runs on
 from ..run_files import (
     INTERVAL_SECONDS,
     MFU,
@@ -61,22 +62,7 @@ BF16_DENSE_TFLOPS: tuple[tuple[str, float], ...] = (
 )
 
 
-# -- what a micro-batch's forward runs on ------------------------------------------------------------------
-def forward_tokens(batch: dict) -> tuple[int, int | torch.Tensor]:
-    """(tokens, padding) of the tensor a training micro-batch's forward is given: rows × columns, padding
-    included, and how many of them are padding (an int, or a 0-d tensor on the batch's device)."""
-    if "packed_input_ids" in batch:  # packed rows (prefix sharing; SPO's degraded completions are segments in them)
-        ids = batch["packed_input_ids"]
-        return ids.numel(), (batch["packed_segment_ids"] == PAD).sum()
-    rows, width = batch["input_ids"].shape
-    real = batch["attention_mask"].sum()
-    spo = batch.get("spo_input_ids")
-    if spo is not None and spo.shape[0] > 0:  # one forward with the pair rows, padded to the wider (pad_cat)
-        rows, width = rows + spo.shape[0], max(width, spo.shape[1])
-        real = real + batch["spo_attention_mask"].sum()
-    return rows * width, rows * width - real
-
-
+# -- what a micro-batch's forward runs on (tokens and padding: the layout's `forward_tokens`) ----------------
 def batch_pairs(batch: dict) -> int:
     return int(batch["row_index"].shape[0])
 

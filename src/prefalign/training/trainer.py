@@ -18,20 +18,19 @@ from transformers.trainer_callback import PrinterCallback, ProgressCallback
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from ..config import PreferenceConfig
-from ..data.collate import PairCollator
 from ..errors import PrefalignError
 from ..evaluate import score_pairs, summarize
 from ..losses import LOSSES
 from ..modeling import (
+    Layout,
     PrefixSharingRefused,
     check_fast_path,
     packing_plan,
     pair_logps,
     resolve_layout,
-    sequence_logps,
     usable_pad_id,
 )
-from ..modeling.packing import PrefixSharedCollator, packed_inputs, prefix_shared_logps
+from ..modeling.layout import completion_hidden_means
 from ..modeling.sequence_weights import length_desensitized
 from ..objective import Objective, SPOTerm, compute_objective
 from ..run_files import (
@@ -39,7 +38,7 @@ from ..run_files import (
     SHARE_MISRANKED,
     SKIPPED_PREFIX,
 )
-from ..spo import SPOCollator, SPOHead, all_degree_packed, all_degree_rows
+from ..spo import SPOCollator, SPOHead, all_degree_collate
 from .callbacks import (
     MetricsFileCallback,
     NonFiniteGradientGuard,
@@ -55,7 +54,7 @@ from .checkpointing import (
     is_disk_full,
     save_bytes,
 )
-from .collate import TrainingCollator, collator_settings, pad_cat
+from .collate import TrainingCollator, collator_settings
 from .console import Console
 from .datasets import TOKENIZED_COLUMNS, add_length_column
 from .distributed import gather_variable, local_offset
@@ -112,12 +111,12 @@ class PreferenceTrainer(CrashSafeCheckpointing, Trainer):
         # None: on where it is exact; padding-free packing (several pairs per row) follows prefix sharing
         args.prefix_sharing, args.padding_free = resolve_layout(args.prefix_sharing, args.padding_free, model)
         pad = usable_pad_id(model, given.tokenizer) if pad is None else pad
-        data_collator = (PrefixSharedCollator(pad, padding_free=args.padding_free) if args.prefix_sharing
-                         else PairCollator(pad))
+        layout = Layout.of(args.prefix_sharing, args.padding_free)
+        data_collator = layout.collator(pad)
         train_dataset, eval_dataset = given.train_dataset, given.eval_dataset
         if args.train_sampling_strategy == "group_by_length":
             def grouped(ds):
-                return add_length_column(ds, args.length_column_name, packed=args.prefix_sharing)
+                return add_length_column(ds, args.length_column_name, layout=layout)
 
             train_dataset = grouped(train_dataset) if train_dataset is not None else None
             if isinstance(eval_dataset, dict):
@@ -354,28 +353,15 @@ class PreferenceTrainer(CrashSafeCheckpointing, Trainer):
             if self.ref_mode == "adapter":
                 with self.accelerator.unwrap_model(model).disable_adapter():
                     lp = pair_logps(model, batch)
-            elif self._ref_packed:
-                lp = pair_logps(self.ref_model, batch)
-            else:
-                lp = sequence_logps(self.ref_model, batch["input_ids"], batch["attention_mask"], batch["labels"])
+            else:  # the batch's layout, or its unshared rows for a reference model that refuses prefix sharing
+                lp = pair_logps(self.ref_model, batch, layout=None if self._ref_packed else Layout.UNSHARED)
         return (lp.sum, lp.mean) if self.args.ld_alpha is None else length_desensitized(lp, self.args.ld_alpha)
 
     # -- the loss --------------------------------------------------------------------------------------
     def pair_loss(self, model, batch: dict):
-        b = batch["row_index"].shape[0]
-        a = self.args
         spo = self.spo_head is not None and batch.get("spo_degrees") is not None and len(batch["spo_degrees"]) > 0
-        wpo = a.use_weighting
-        if "packed_input_ids" in batch:
-            lp = prefix_shared_logps(model, *packed_inputs(batch), with_hidden_mean=spo, with_sum_sq=wpo)
-        elif spo:
-            # One forward for the pairs and the degraded rows; only the pair rows go through the output head.
-            ids = pad_cat(batch["input_ids"], batch["spo_input_ids"], 0)
-            mask = pad_cat(batch["attention_mask"], batch["spo_attention_mask"], 0)
-            labels = pad_cat(batch["labels"], batch["spo_labels"], -100)
-            lp = sequence_logps(model, ids, mask, labels, with_hidden_mean=True, with_sum_sq=wpo, n_scored=2 * b)
-        else:
-            lp = sequence_logps(model, batch["input_ids"], batch["attention_mask"], batch["labels"], with_sum_sq=wpo)
+        # one forward, in whatever layout the batch has; with SPO its degraded completions ride along
+        lp = pair_logps(model, batch, with_hidden_mean=spo, with_sum_sq=self.args.use_weighting)
         refs = self.reference_logps(model, batch)  # (sums, means) or None
         if refs is None and self.ref_mode != "none":
             raise PrefalignError("reference=precomputed but the batch carries no reference log-probs")
@@ -604,12 +590,7 @@ class PreferenceTrainer(CrashSafeCheckpointing, Trainer):
         once instead of 2K times)."""
         k = self.args.spo_degrees
         pad = self.data_collator.collator.pad_token_id
-        packed = self.args.prefix_sharing
-        if packed:
-            collator = PrefixSharedCollator(pad, keep_unshared=False)
-            collate = lambda rows: all_degree_packed(rows, k, collator)  # noqa: E731
-        else:
-            collate = lambda rows: all_degree_rows(rows, k, pad)  # noqa: E731
+        collate = all_degree_collate(Layout.of(self.args.prefix_sharing), pad, k)
         loader = torch.utils.data.DataLoader(dataset, batch_size=self.args.per_device_eval_batch_size, collate_fn=collate)
         model = self.accelerator.unwrap_model(self.model)
         was_training = model.training
@@ -620,12 +601,7 @@ class PreferenceTrainer(CrashSafeCheckpointing, Trainer):
                 continue
             batch = {n: t.to(self.args.device) for n, t in batch.items()}
             with self.autocast_smart_context_manager():
-                if packed:
-                    lp = prefix_shared_logps(model, *packed_inputs(batch), with_hidden_mean=True)
-                    hidden = lp.hidden_mean[batch["sources"]]
-                else:
-                    hidden = sequence_logps(model, batch["input_ids"], batch["attention_mask"], batch["labels"],
-                                            with_hidden_mean=True, n_scored=0).hidden_mean
+                hidden = completion_hidden_means(model, batch)
             predicted = self.spo_head(hidden).argmax(-1)
             for t, p in zip(batch["degrees"].tolist(), predicted.tolist()):
                 confusion[t, p] += 1
