@@ -86,6 +86,7 @@ class _Recorder:
         self.tokens: list[int] = []  # non-padding tokens the model runs on (policy forward+backward)
         self.padded: list[int] = []  # the same with padding: rows x width
         self.start = self.cpu_start = None
+        self.rss_phases: dict[str, float] = {}  # peak RSS (MB) at the end of each phase, in order
 
     def callback(self):
         from transformers import TrainerCallback
@@ -95,10 +96,13 @@ class _Recorder:
         class StepClock(TrainerCallback):
             def on_train_begin(self, args, state, control, **kwargs):
                 rec.start, rec.cpu_start = time.perf_counter(), time.process_time()
+                rec.rss_phases["train begins"] = _rss_mb()  # after prefalign's reference pass (a callback before)
 
             def on_step_end(self, args, state, control, **kwargs):
                 rec.ends.append(time.perf_counter())
                 rec.cpu_ends.append(time.process_time())
+                # step 1 runs before AdamW's states exist: the second step's peak is higher by their size
+                rec.rss_phases["step 1" if state.global_step == 1 else "last step"] = _rss_mb()
 
         return StepClock()
 
@@ -113,16 +117,25 @@ class _Recorder:
         trainer.compute_loss = compute_loss
 
     def wrap_collator(self, trainer, count):
-        collate = trainer.data_collator
+        rec = self
 
-        def counted(rows):
-            batch = collate(rows)
-            real, padded = count(batch)
-            self.tokens.append(int(real))
-            self.padded.append(int(padded))
-            return batch
+        class Counted:  # the trainer's collator, counting; its attributes (the reference pass reads them) kept
+            def __init__(self, inner):
+                self.inner = inner
 
-        trainer.data_collator = counted
+            def __getattr__(self, name):
+                if name == "inner":  # not set yet (unpickling in a dataloader worker)
+                    raise AttributeError(name)
+                return getattr(self.inner, name)
+
+            def __call__(self, rows):
+                batch = self.inner(rows)
+                real, padded = count(batch)
+                rec.tokens.append(int(real))
+                rec.padded.append(int(padded))
+                return batch
+
+        trainer.data_collator = Counted(trainer.data_collator)
 
 
 def _mask_tokens(*masks):
@@ -130,15 +143,12 @@ def _mask_tokens(*masks):
 
 
 def _prefalign_tokens(batch):
-    if "packed_segment_ids" in batch:
-        seg = batch["packed_segment_ids"]
-        real, padded = int((seg >= 0).sum()), seg.numel()
-    else:
-        real, padded = _mask_tokens(batch["attention_mask"])
-    if batch.get("spo_attention_mask") is not None:
-        r, p = _mask_tokens(batch["spo_attention_mask"])
-        real, padded = real + r, padded + p
-    return real, padded
+    """(real, computed) tokens of the forward, as the layout counts them (SPO's unshared extra rows are padded
+    to the pair rows' width: they run in the same forward)."""
+    from prefalign.modeling.layout import forward_tokens
+
+    tokens, padding = forward_tokens(batch)
+    return tokens - int(padding), tokens
 
 
 def _child_prefalign(spec: dict, rec: _Recorder):
@@ -165,6 +175,7 @@ def _child_prefalign(spec: dict, rec: _Recorder):
     cfg = load_config(None, overrides)
     tok = load_tokenizer(spec["model"])
     model = load_model(spec["model"], dtype=torch.float32)
+    rec.rss_phases["model loaded"] = _rss_mb()
     data = prepare_data(cfg, tok)
 
     timing = {"reference_s": 0.0}
@@ -208,6 +219,7 @@ def _child_trl(spec: dict, rec: _Recorder):
                                   max_prompt_length=spec["max_prompt_length"])
     prompts, chosens, rejecteds = (tokenized[c] for c in ("prompt_input_ids", "chosen_input_ids", "rejected_input_ids"))
     model = AutoModelForCausalLM.from_pretrained(resolve_model_path(spec["model"]), dtype=torch.float32)
+    rec.rss_phases["model loaded"] = _rss_mb()
     t0 = time.perf_counter()
     if kind.startswith("dpo"):
         from trl import DPOConfig, DPOTrainer
@@ -261,7 +273,7 @@ def child(spec: dict) -> None:
     trainer.add_callback(rec.callback())
     rec.wrap_loss(trainer)
     rec.wrap_collator(trainer, count)
-    setup_rss = _rss_mb()
+    setup_rss = rec.rss_phases["trainer built"] = _rss_mb()
     trainer.train()
     ends, cpu_ends = [rec.start, *rec.ends], [rec.cpu_start, *rec.cpu_ends]
     steps = [b - a for a, b in zip(ends, ends[1:])]
@@ -271,6 +283,7 @@ def child(spec: dict) -> None:
         "trainer": spec["trainer"], "step_s": steps, "cpu_step_s": cpu_steps, "losses": rec.losses, "tokens": rec.tokens,
         "padded_tokens": rec.padded, "peak_rss_mb": _rss_mb(), "setup_rss_mb": setup_rss, "params": params,
         "n_pairs": n_pairs, "reference_s": reference_s, "threads": torch.get_num_threads(),
+        "rss_phases_mb": rec.rss_phases,
     }
     print(RESULT + json.dumps(out), flush=True)
 
@@ -412,6 +425,9 @@ def report(case: str, spec: dict, results: dict[str, dict]) -> list[dict]:
         print(f"{name:22} {s['pairs_per_cpu_s']:11.3f} {s['pairs_per_s']:8.3f} {s['cpu_s']:6.2f} {s['wall_s']:6.2f} "
               f"{s['tokens_per_step']:8.0f} {s['peak_rss_mb']:11.0f} {s['setup_rss_mb']:8.0f} "
               f"{s['achieved_flops'] / 1e9:7.2f} {100 * s['peak_fraction']:5.1f}  {losses}")
+        if s.get("rss_phases_mb"):  # where the peak was reached, so a regression shows in its phase
+            print(f"{'':22} peak RSS MB by phase: "
+                  + ", ".join(f"{k} {v:.0f}" for k, v in s["rss_phases_mb"].items()))
         if "pairs_per_s_with_reference_pass" in s:
             print(f"{'':22} reference pass before training: {s['reference_s']:.1f} s for {s['n_pairs']} pairs "
                   f"-> {s['pairs_per_s_with_reference_pass']:.3f} pairs/s (wall) if paid once per epoch")
