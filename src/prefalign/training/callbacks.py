@@ -25,22 +25,27 @@ def _plain(v):
     return v
 
 
+def trim_to_step(path: str, step: int, read) -> None:
+    """A resumed run logs the steps after its checkpoint again: drop the lines a crashed run wrote for them, and a
+    last line a kill cut off mid-write (`read`: the file's reader, taking `torn_tail`)."""
+    if not os.path.exists(path):
+        return
+    torn: list = []
+    rows = read(path, torn_tail=torn)
+    kept = [r for r in rows if r.get("step", 0) <= step]
+    if len(kept) < len(rows) or torn:
+        write_jsonl(kept, path + ".tmp")
+        os.replace(path + ".tmp", path)
+
+
 class MetricsFileCallback(TrainerCallback):
     def __init__(self):
         self._t0 = None
 
     def on_train_begin(self, args, state, control, **kwargs):
         self._t0 = time.time()
-        path = os.path.join(args.output_dir, METRICS_FILE)
-        if state.is_world_process_zero and os.path.exists(path):
-            # A resumed run re-logs the steps after its checkpoint: drop the rows the crashed run wrote for them,
-            # and a last line a kill cut off mid-write.
-            torn: list = []
-            rows = read_metrics(path, torn_tail=torn)
-            kept = [r for r in rows if r.get("step", 0) <= state.global_step]
-            if len(kept) < len(rows) or torn:
-                write_jsonl(kept, path + ".tmp")
-                os.replace(path + ".tmp", path)
+        if state.is_world_process_zero:
+            trim_to_step(os.path.join(args.output_dir, METRICS_FILE), state.global_step, read_metrics)
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         if not state.is_world_process_zero or not logs:
@@ -63,14 +68,8 @@ class TrainedPairsFile(TrainerCallback):
 
     def on_train_begin(self, args, state, control, **kwargs):
         self.trainer._trained_rows.clear()
-        path = os.path.join(args.output_dir, TRAINED_PAIRS_FILE)
-        if state.is_world_process_zero and os.path.exists(path):  # resumed: the steps after the checkpoint rerun
-            torn: list = []
-            rows = read_jsonl(path, torn_tail=torn)
-            kept = [r for r in rows if r.get("step", 0) <= state.global_step]
-            if len(kept) < len(rows) or torn:
-                write_jsonl(kept, path + ".tmp")
-                os.replace(path + ".tmp", path)
+        if state.is_world_process_zero:
+            trim_to_step(os.path.join(args.output_dir, TRAINED_PAIRS_FILE), state.global_step, read_jsonl)
 
     def on_step_end(self, args, state, control, **kwargs):
         rows = list(self.trainer._trained_rows)
