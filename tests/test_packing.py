@@ -271,12 +271,14 @@ def test_padding_free_is_accepted_and_follows_prefix_sharing(caplog):
     assert "\n" not in str(e.value)
 
 
-def test_flash_attention_is_refused_in_one_line():
+def test_flash_attention_packs_whole_sequences_and_refuses_prefix_sharing_in_one_line():
+    """Flash cannot share a prompt: padding_free packs the whole sequences instead (tests/test_varlen_packing.py)."""
     model = tiny_model("llama")
     model.config._attn_implementation = "flash_attention_2"
-    with pytest.raises(PrefixSharingRefused, match=r"^padding_free: true packs prefix-shared pairs; LlamaForCausalLM: "
-                       r"prefix sharing needs a 4-D attention mask .*flash_attention_2 packs only whole sequences$") as e:
-        resolve_layout(None, True, model)
+    assert resolve_layout(None, True, model) == (False, True)
+    with pytest.raises(PrefixSharingRefused, match=r"^LlamaForCausalLM: prefix sharing needs a 4-D attention mask "
+                       r".*flash_attention_2 attends within whole sequences only .*padding-free instead$") as e:
+        resolve_layout(True, True, model)
     assert "\n" not in str(e.value)
 
 

@@ -179,7 +179,8 @@ class PreferenceConfig(TrainingArguments):
         default=None,
         metadata={"help": "TRL's name: pack a micro-batch's prefix-shared pairs end to end into as few rows as fit "
                           "(no token attends across pairs); default: on wherever prefix sharing is, true: required, "
-                          "false: one pair per row"},
+                          "false: one pair per row. Under flash attention (no prefix sharing) the micro-batch's whole "
+                          "sequences go end to end into one row, cut apart by cu_seqlens"},
     )
     pad_to_multiple_of: int | str | None = field(default=None, metadata={"help": "TRL: not supported"})
     precompute_ref_batch_size: int | None = field(default=None, metadata={"help": "TRL: not supported (the reference pass scores the training batches)"})
@@ -253,9 +254,11 @@ class PreferenceConfig(TrainingArguments):
                                   "set one of them")
             self.max_completion_length, self.max_target_length = self.max_target_length, None
         self._refuse_older_trl_fields(unsupported)
-        if self.padding_free and self.prefix_sharing is False:
+        if self.padding_free and self.prefix_sharing is False and "flash" not in (self.attn_implementation or ""):
+            # under flash attention (a varlen kernel) it packs whole sequences instead (modeling.resolve_layout)
             raise ConfigError("padding_free: true packs prefix-shared pairs, and prefix_sharing is false; leave one of "
-                              "them unset")
+                              "them unset (whole sequences are packed only under attn_implementation "
+                              "flash_attention_2 or 3)")
         if self.pad_to_multiple_of not in (None, "auto"):
             unsupported("pad_to_multiple_of", "rows are padded to the batch's longest")
         if self.precompute_ref_batch_size is not None:

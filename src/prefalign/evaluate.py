@@ -306,20 +306,23 @@ def scoring_loader(policy, ref_model, tokenizer, tok, *, batch_size: int, device
     dataset order)."""
     from torch.utils.data import DataLoader
 
-    from .modeling import Layout, check_fast_path, resolve_prefix_sharing, usable_pad_id
+    from .modeling import Layout, check_fast_path, resolve_layout, resolve_prefix_sharing, usable_pad_id
 
-    packed = resolve_prefix_sharing(prefix_sharing, policy)
-    if ref_model is not None:
-        packed = packed and resolve_prefix_sharing(None, ref_model)  # both score the same batches
+    packed, free = resolve_layout(prefix_sharing, None, policy)
+    varlen = free and not packed  # whole sequences in one row: a varlen kernel (flash attention)
+    if ref_model is not None:  # both score the same batches
+        packed = packed and resolve_prefix_sharing(None, ref_model)
+        varlen = varlen and Layout.VARLEN.accepts(ref_model)
     pad = usable_pad_id(policy, tokenizer)
     rows = [{k: tok[i][k] for k in ("prompt_input_ids", "chosen_input_ids", "rejected_input_ids", "row_index")}
             for i in range(min(2, len(tok)))]
     # the head check and the three-way check, for the reference model too (prefalign eval and bench both come here)
     for scored, role in ((policy, None), (ref_model, "reference model")):
         if scored is not None and rows:
-            check_fast_path(scored, rows, pad, prefix_sharing=packed, autocast=autocast, role=role)
-    # padding-free wherever prefix-shared: pairs of a batch laid end to end, no row wider than its longest pair
-    layout = Layout.of(packed, padding_free=True)
+            check_fast_path(scored, rows, pad, prefix_sharing=packed, padding_free=varlen, autocast=autocast, role=role)
+    # padding-free wherever prefix-shared: pairs of a batch laid end to end, no row wider than its longest pair;
+    # under a varlen kernel the batch's whole sequences in one row
+    layout = Layout.of(packed, padding_free=packed or varlen)
     collator = layout.collator(pad, keep_unshared=False)
     order = longest_first(tok, layout=layout) if sort_by_length else range(len(tok))
     loader = DataLoader(tok, batch_size=batch_size, sampler=list(order),

@@ -2,11 +2,12 @@
 
 - `head`: what a model's forward does between decoder and logits (soft-capping, logit scales), or a refusal.
 - `logps`: `sequence_logps` (fast, completion-only, chunked) and `naive_sequence_logps` (the textbook one).
-- `layout`: the batch layouts (unshared, prefix-shared, packed), the collator of each, and `pair_logps`, the one
+- `layout`: the batch layouts (unshared, prefix-shared, packed, varlen), the collator of each, and `pair_logps`, the one
   way a batch of pairs is scored whatever its layout.
 - `rows`: how rows are built from tokenized pairs (`PairCollator`, `PrefixSharedCollator`).
-- `packing`: prefix sharing — each pair as prompt+chosen+rejected, one or (padding-free) several pairs per row:
-  the attention inputs for each backend, which models it is exact on, and the log-probs mapped back to pairs.
+- `packing`: prefix sharing — each pair as prompt+chosen+rejected, one or (padding-free) several pairs per row —
+  and, for varlen kernels (flash attention), whole sequences in one row: the attention inputs for each
+  backend, which models each is exact on, and the log-probs mapped back to pairs.
 - `selfcheck`: the start-up comparison with the model's own logits; a pad id the model can embed.
 """
 

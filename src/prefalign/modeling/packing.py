@@ -1,5 +1,6 @@
 """Prefix sharing: each pair's prompt encoded once, chosen and rejected after it, and (padding-free) several
-such pairs laid end to end in one row.
+such pairs laid end to end in one row; for varlen kernels (flash attention), which cannot share a prompt,
+whole sequences end to end in one row instead (the last section below).
 
 A 4-D attention mask lets the chosen and rejected tokens see their prompt but not each other (causal within
 each), and the position ids restart after the prompt for the rejected part. Every token therefore sees the
@@ -24,7 +25,9 @@ so everything below reads the pair map and never asks which layout a batch has. 
 Which models it accepts (`packing_plan`), read from the model and its transformers source:
 - positions must be rotary (absolute or ALiBi positions would see the packed columns, not the restart);
 - attention must take a 4-D mask: `sdpa` (bool mask), `eager` (additive float) or `flex_attention` (a
-  `BlockMask`, no dense [B,1,T,T] tensor); flash attention packs only whole sequences and is refused;
+  `BlockMask`, no dense [B,1,T,T] tensor); flash attention (a varlen kernel: it attends within whole
+  sequences, cut apart by cu_seqlens) cannot let chosen and rejected share a prompt and is refused, in one
+  line where prefix sharing is asked for, and gets whole sequences packed instead (below) where it is not;
 - layers may be full or sliding-window attention; a model mixing both must accept one mask per layer type
   (transformers' `causal_mask_mapping` dict); any other layer type (linear attention, state-space, chunked)
   is refused. Each refusal is one line saying why.
@@ -35,6 +38,22 @@ Extra completions of the same prompt (SPO's degraded responses, row key `extra_c
 after the rejected one as further segments 3, 4, …, each seeing only its pair's prompt and itself; they are
 not scored, only their mean final hidden state is returned (after the 2B pair rows, by pair then segment)
 when asked for.
+
+Whole sequences for varlen kernels (`Layout.VARLEN`, `varlen_plan`, `varlen_logps`): under flash attention
+(flash_attention_2/3, a flash hub kernel) `resolve_layout` turns prefix sharing off with one logged line and
+padding_free (default on there) lays the micro-batch's 2B sequences — prompt+chosen, prompt+rejected, then
+SPO's extra completions — end to end in one row (`rows.varlen_row`): batch dimension 1, position ids 0, 1, …
+restarting for each sequence, no attention mask, and flash's varlen kwargs `cu_seq_lens_q`/`_k` (int32) and
+`max_length_q`/`_k` (an int: the padded rows' width, so nothing is read back from the device), which
+transformers' models pass through to `_flash_attention_forward` and its `flash_attn_varlen_func` call. The
+same cu_seqlens are what transformers would read from the position ids (`prepare_fa_kwargs_from_position_ids`)
+for a model that dropped the kwargs. A sliding window is applied by the kernel within each sequence. The log-
+probs map back through the padded rows' labels, which the batch keeps: column t of sequence s is column
+cu_seqlens[s] + t of the row. Accepted where the kernel is a varlen one and the model passes the checks above
+on positions and layers; else one line (padding_free true) or padded rows. Flash cannot run on a CPU: the
+tests run the same inputs through sdpa (transformers builds its mask from the position ids,
+`masking_utils.find_packed_sequence_indices`) and through transformers' flash path with a plain-torch kernel
+(tests/test_varlen_packing.py).
 """
 
 from __future__ import annotations
@@ -64,6 +83,16 @@ class PrefixSharingRefused(PrefalignError):
     """The model cannot be scored packed without changing its log-probs; the message says why."""
 
 
+def varlen_kernel(model_or_implementation: torch.nn.Module | str | None) -> bool:
+    """Whether a model's attention implementation (or the name of one) is a varlen kernel: flash attention
+    (flash_attention_2/3/4, a hub kernel such as kernels-community/flash-attn2), which transformers drives
+    with cu_seqlens and recognises, as here, by "flash" in its name (`utils.generic.is_flash_attention_requested`)."""
+    impl = model_or_implementation
+    if isinstance(impl, torch.nn.Module):
+        impl = getattr(unwrap(impl).config, "_attn_implementation", None)
+    return isinstance(impl, str) and "flash" in impl
+
+
 @dataclass(frozen=True)
 class PackingPlan:
     implementation: str  # sdpa, eager or flex_attention
@@ -89,31 +118,18 @@ def packing_plan(model: torch.nn.Module) -> PackingPlan:
     if inner in _PLANS and _PLANS[inner].implementation == impl:  # set_attn_implementation invalidates it
         return _PLANS[inner]
     name = model_class(inner).__name__
+    if varlen_kernel(impl):
+        raise PrefixSharingRefused(
+            f"{name}: prefix sharing needs a 4-D attention mask (attn_implementation sdpa, eager or flex_attention); "
+            f"{impl} attends within whole sequences only (cu_seqlens), so chosen and rejected cannot share one prompt"
+        )
     if impl not in MASK_IMPLEMENTATIONS:
         raise PrefixSharingRefused(
             f"{name}: prefix sharing needs a 4-D attention mask (attn_implementation sdpa, eager or flex_attention); "
-            f"{impl} packs only whole sequences"
+            f"{impl} takes none"
         )
-    decoder = inner.get_decoder()
-    modules = [type(m).__name__ for m in decoder.modules()]
-    absolute = [n for n, m in decoder.named_modules() if re.search(r"(^|\.)(wpe|embed_positions|position_embeddings)$", n)]
-    if not any("Rotary" in m for m in modules) or absolute or getattr(config, "alibi", False):
-        kind = "absolute" if absolute else "ALiBi" if ("alibi" in _source(model_class(decoder)) or getattr(config, "alibi", False)) else "non-rotary"
-        raise PrefixSharingRefused(
-            f"{name}: prefix sharing restarts the rejected completion's position ids, which only rotary position "
-            f"embeddings follow; this model has {kind} positions"
-        )
-    source = _source(model_class(decoder))
-    if "position_ids" not in inspect.signature(model_class(decoder).forward).parameters:
-        raise PrefixSharingRefused(f"{name}: its decoder takes no position_ids, so prefix sharing cannot restart them")
-    makers = set(re.findall(r"create_(\w+?)_mask\(", source)) - {"causal", "sliding_window_causal"}
-    if makers:
-        raise PrefixSharingRefused(f"{name}: builds {', '.join(sorted(makers))} masks, which prefix sharing does not reproduce")
+    source, layer_types = _checked_decoder(inner, name, "prefix sharing", "the rejected completion's")
     window = getattr(config, "sliding_window", None) if "create_sliding_window_causal_mask" in source else None
-    layer_types = list(getattr(config, "layer_types", None) or [])
-    unknown = sorted(set(layer_types) - set(LAYER_TYPES))
-    if unknown:
-        raise PrefixSharingRefused(f"{name}: has {', '.join(unknown)} layers; prefix sharing handles only attention layers")
     if len(set(layer_types)) > 1:
         if not re.search(r"isinstance\((causal_mask_mapping := )?attention_mask, dict\)", source):
             raise PrefixSharingRefused(f"{name}: mixes full and sliding attention but takes no per-layer-type masks")
@@ -123,6 +139,33 @@ def packing_plan(model: torch.nn.Module) -> PackingPlan:
         plan = PackingPlan(impl, {layer_types[0] if layer_types else "all": window if sliding else None}, False)
     _PLANS[inner] = plan
     return plan
+
+
+def _checked_decoder(inner: torch.nn.Module, name: str, purpose: str, whose: str) -> tuple[str, list[str]]:
+    """(decoder forward's source, layer types) of a model whose log-probs `purpose` (prefix sharing, or packing
+    whole sequences) keeps: rotary positions from position ids, only causal and sliding-window masks, only
+    attention layers; else PrefixSharingRefused (one line) naming what is in the way."""
+    config = inner.config
+    decoder = inner.get_decoder()
+    modules = [type(m).__name__ for m in decoder.modules()]
+    absolute = [n for n, m in decoder.named_modules() if re.search(r"(^|\.)(wpe|embed_positions|position_embeddings)$", n)]
+    if not any("Rotary" in m for m in modules) or absolute or getattr(config, "alibi", False):
+        kind = "absolute" if absolute else "ALiBi" if ("alibi" in _source(model_class(decoder)) or getattr(config, "alibi", False)) else "non-rotary"
+        raise PrefixSharingRefused(
+            f"{name}: {purpose} restarts {whose} position ids, which only rotary position "
+            f"embeddings follow; this model has {kind} positions"
+        )
+    source = _source(model_class(decoder))
+    if "position_ids" not in inspect.signature(model_class(decoder).forward).parameters:
+        raise PrefixSharingRefused(f"{name}: its decoder takes no position_ids, so {purpose} cannot restart them")
+    makers = set(re.findall(r"create_(\w+?)_mask\(", source)) - {"causal", "sliding_window_causal"}
+    if makers:
+        raise PrefixSharingRefused(f"{name}: builds {', '.join(sorted(makers))} masks, which {purpose} does not reproduce")
+    layer_types = list(getattr(config, "layer_types", None) or [])
+    unknown = sorted(set(layer_types) - set(LAYER_TYPES))
+    if unknown:
+        raise PrefixSharingRefused(f"{name}: has {', '.join(unknown)} layers; {purpose} handles only attention layers")
+    return source, layer_types
 
 
 def resolve_prefix_sharing(setting: bool | None, model: torch.nn.Module) -> bool:
@@ -144,10 +187,18 @@ def resolve_prefix_sharing(setting: bool | None, model: torch.nn.Module) -> bool
 def resolve_layout(prefix_sharing: bool | None, padding_free: bool | None, model: torch.nn.Module) -> tuple[bool, bool]:
     """(prefix_sharing, padding_free) made definite for `model`. Padding-free packing lays prefix-shared pairs
     end to end, so it is exact wherever prefix sharing is: None (the default) follows prefix sharing, True
-    requires both (a refusal is raised, naming padding_free), False keeps one pair per row."""
+    requires both (a refusal is raised, naming padding_free), False keeps one pair per row.
+
+    A varlen kernel (flash attention) cannot let chosen and rejected see one prompt and not each other; there
+    (False, True) — `Layout.VARLEN` — lays the micro-batch's 2B whole sequences end to end in one row instead:
+    prefix_sharing None is off (one logged line), True is refused (one line), and padding_free None or True
+    packs the whole sequences, False keeps the padded rows."""
+    if varlen_kernel(model):
+        return _resolve_varlen(prefix_sharing, padding_free, model)
     if padding_free and prefix_sharing is False:
         raise PrefixSharingRefused("padding_free: true packs prefix-shared pairs, and prefix_sharing is false; leave "
-                                   "one of them unset")
+                                   "one of them unset (whole sequences are packed only under a varlen kernel: "
+                                   "attn_implementation flash_attention_2 or 3)")
     try:
         shared = resolve_prefix_sharing(True if padding_free else prefix_sharing, model)
     except PrefixSharingRefused as refusal:
@@ -155,6 +206,63 @@ def resolve_layout(prefix_sharing: bool | None, padding_free: bool | None, model
             raise PrefixSharingRefused(f"padding_free: true packs prefix-shared pairs; {refusal}") from None
         raise
     return shared, shared if padding_free is None else bool(padding_free)
+
+
+def _resolve_varlen(prefix_sharing: bool | None, padding_free: bool | None, model: torch.nn.Module) -> tuple[bool, bool]:
+    """`resolve_layout` under a varlen kernel: whole sequences packed where `varlen_plan` accepts the model."""
+    unshareable = PrefixSharingRefused(f"{model_class(unwrap(model)).__name__}: prefix sharing is refused")
+    try:
+        packing_plan(model)
+    except PrefixSharingRefused as refusal:
+        unshareable = refusal  # always: a varlen kernel takes no 4-D mask
+    try:
+        varlen_plan(model)
+    except PrefixSharingRefused as refusal:
+        if prefix_sharing:
+            raise unshareable from None
+        if padding_free:
+            raise PrefixSharingRefused(f"padding_free: true packs whole sequences under a varlen kernel; {refusal}") from None
+        if prefix_sharing is None:
+            log.warning("prefix sharing and padding-free packing off: %s", refusal)
+        return False, False
+    if prefix_sharing:
+        raise PrefixSharingRefused(f"{unshareable}; leave prefix_sharing unset and the whole sequences are packed "
+                                   "padding-free instead") from None
+    packed = padding_free is not False
+    if prefix_sharing is None:
+        log.warning("prefix sharing off: %s; %s", unshareable,
+                    "the whole sequences are packed end to end into one row instead (padding-free)"
+                    if packed else "padding_free is false: padded rows")
+    return False, packed
+
+
+@dataclass(frozen=True)
+class VarlenPlan:
+    implementation: str  # a varlen kernel (`varlen_kernel`)
+
+
+_VARLEN_PLANS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def varlen_plan(model: torch.nn.Module) -> VarlenPlan:
+    """Whether `model` scores whole sequences laid end to end in one row (`Layout.VARLEN`) exactly and cheaply,
+    or PrefixSharingRefused (one line) saying why not: its attention must be a varlen kernel (any other would
+    need a dense mask over the whole row), its positions rotary and read from the position ids (which restart
+    at 0 for each sequence), its layers full or sliding-window attention (a sliding window is applied by the
+    kernel within each sequence)."""
+    inner = unwrap(model)
+    impl = getattr(inner.config, "_attn_implementation", None) or "eager"
+    if inner in _VARLEN_PLANS and _VARLEN_PLANS[inner].implementation == impl:
+        return _VARLEN_PLANS[inner]
+    name = model_class(inner).__name__
+    if not varlen_kernel(impl):
+        raise PrefixSharingRefused(
+            f"{name}: packing whole sequences into one row needs a varlen attention kernel (attn_implementation "
+            f"flash_attention_2 or 3); {impl} would need a dense mask over the whole row"
+        )
+    _checked_decoder(inner, name, "whole-sequence packing", "each sequence's")
+    plan = _VARLEN_PLANS[inner] = VarlenPlan(impl)
+    return plan
 
 
 def packed_inputs(batch: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
@@ -337,3 +445,59 @@ def extra_hidden_means(hidden: torch.Tensor, segment_ids: torch.Tensor,
     one_hot = (which[:, None] == torch.arange(len(groups), device=hidden.device)).float()
     with torch.autocast(hidden.device.type, enabled=False):
         return (one_hot.T @ hidden[extra].float()) / one_hot.sum(0)[:, None]
+
+
+# -- whole sequences in one row, for varlen kernels (`Layout.VARLEN`) ---------------------------------------
+
+def _forward_takes_kwargs(model: torch.nn.Module) -> bool:
+    parameters = inspect.signature(model_class(unwrap(model)).forward).parameters.values()
+    return any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters)
+
+
+def varlen_inputs(model: torch.nn.Module, input_ids: torch.Tensor, position_ids: torch.Tensor,
+                  cu_seqlens: torch.Tensor, max_length: int) -> dict:
+    """The forward inputs of whole sequences laid end to end in one row: `input_ids` and `position_ids` [1, N]
+    (0, 1, … for each sequence) and no attention mask, from which transformers reads the sequences itself
+    (`masking_utils.find_packed_sequence_indices` builds the sdpa, eager or flex mask; for flash,
+    `modeling_flash_attention_utils._is_packed_sequence` and `prepare_fa_kwargs_from_position_ids`); and,
+    where the model's forward passes keyword arguments on to its attention (transformers' own models do), the
+    varlen kwargs flash takes as they are (`FlashAttentionKwargs`): `cu_seq_lens_q`/`_k` (int32 [S+1], the
+    same values) and `max_length_q`/`_k` (an int), so that no layer reads them back from the device. Other
+    kernels ignore these kwargs."""
+    inputs = {"input_ids": input_ids, "position_ids": position_ids}
+    if _forward_takes_kwargs(model):
+        inputs.update(cu_seq_lens_q=cu_seqlens, cu_seq_lens_k=cu_seqlens, max_length_q=max_length,
+                      max_length_k=max_length)
+    return inputs
+
+
+def varlen_logps(
+    model: torch.nn.Module,
+    varlen_input_ids: torch.Tensor,
+    varlen_position_ids: torch.Tensor,
+    varlen_cu_seqlens: torch.Tensor,
+    labels: torch.Tensor,
+    *,
+    n_scored: int | None = None,
+    with_hidden_mean: bool = False,
+    with_sum_sq: bool = False,
+    chunk_tokens: int = CHUNK_TOKENS,
+) -> SequenceLogps:
+    """Completion log-probs of the S sequences laid end to end in one row (`rows.varlen_row`), from one
+    forward without an attention mask: as `sequence_logps` gives them on the same sequences as right-padded
+    rows, whose `labels` [S, W] (-100 off the completion, W the longest sequence) it takes. Sequence s is
+    columns cu_seqlens[s] … cu_seqlens[s+1]-1 of the row; column t of its padded row is column cu_seqlens[s]+t
+    (past its end: its last token, never scored). Only the first `n_scored` sequences (default: all) are
+    scored; `with_hidden_mean` gives every sequence's mean final hidden state over its completion."""
+    n_sequences, width = labels.shape
+    if varlen_cu_seqlens.shape[0] != n_sequences + 1:
+        raise PrefalignError(f"varlen row: {varlen_cu_seqlens.shape[0] - 1} sequences, labels for {n_sequences}")
+    inputs = varlen_inputs(model, varlen_input_ids, varlen_position_ids, varlen_cu_seqlens, width)
+    hidden = final_hidden_states(model, **inputs)[0]  # [N, H]
+    n_scored = n_sequences if n_scored is None else n_scored
+    rows = n_sequences if with_hidden_mean else n_scored  # the others need no hidden states
+    cu = varlen_cu_seqlens.long()
+    t = torch.arange(width, device=cu.device)
+    index = torch.minimum(cu[:rows, None] + t, cu[1 : rows + 1, None] - 1)
+    return score_hidden(model, hidden[index], labels[:rows], n_scored=n_scored, with_hidden_mean=with_hidden_mean,
+                        with_sum_sq=with_sum_sq, chunk_tokens=chunk_tokens)

@@ -5,10 +5,14 @@
 - prefix-shared (`PrefixSharedCollator`): one row per pair, prompt + chosen + rejected, with segment and
   position ids that let `packing.py` mask each completion off the other;
 - packed (`PrefixSharedCollator(padding_free=True)`): as many prefix-shared pairs per row as fit
-  (`first_fit_decreasing`), with a per-column pair map.
+  (`first_fit_decreasing`), with a per-column pair map;
+- varlen (`PairCollator(padding_free=True)`): the unshared rows, and the same 2B sequences laid end to end in
+  one row without padding, position ids restarting at 0 for each, with their cu_seqlens (`varlen_row`): what
+  a varlen kernel (flash attention) takes, which cannot share a prompt.
 
-Extra completions of a pair's prompt (SPO's degraded responses) are extra unshared rows (`extra_rows`) or
-further segments of the pair's packed row (row key `extra_completion_ids`).
+Extra completions of a pair's prompt (SPO's degraded responses) are extra unshared rows (`extra_rows`; in the
+varlen row, further sequences after the pairs') or further segments of the pair's packed row (row key
+`extra_completion_ids`).
 """
 
 from __future__ import annotations
@@ -25,27 +29,60 @@ IGNORE_INDEX = -100  # the label of positions that carry no loss (prompt and pad
 
 
 class PairCollator:
-    """The unshared layout: 2B right-padded rows, prompt+chosen of each pair, then prompt+rejected."""
+    """The unshared layout: 2B right-padded rows, prompt+chosen of each pair, then prompt+rejected. With
+    `padding_free` (the varlen layout, for flash attention) the batch also lays the same 2B sequences end to
+    end in one row (`varlen_row`), which is what the model runs on; the padded rows stay for the labels, the
+    reference cache and a reference model of another kernel."""
 
-    def __init__(self, pad_token_id: int):
+    def __init__(self, pad_token_id: int, *, padding_free: bool = False):
         if not isinstance(pad_token_id, int):
             raise ConfigError(
                 f"pad_token_id {pad_token_id!r}: expected an int; a tokenizer without a pad token can pad with "
                 "its EOS or UNK id (padding is masked out)"
             )
         self.pad_token_id = pad_token_id
+        self.padding_free = padding_free
 
     def __call__(self, rows: Sequence[dict]) -> dict[str, torch.Tensor]:
         prompts = [list(row["prompt_input_ids"]) for row in rows]
         completions = [list(row["chosen_input_ids"]) for row in rows] + [list(row["rejected_input_ids"]) for row in rows]
         prompts = prompts + prompts
-        return {
+        batch = {
             **pad_sequences(list(zip(prompts, completions)), self.pad_token_id),
             "completion_lengths": torch.tensor([len(c) for c in completions], dtype=torch.long),
             "prompt_lengths": torch.tensor([len(p) for p in prompts], dtype=torch.long),
             "row_index": torch.tensor([row["row_index"] for row in rows], dtype=torch.long),
             **score_inputs(rows),
         }
+        if self.padding_free:
+            batch.update(varlen_row(batch["input_ids"], batch["attention_mask"], batch["row_index"]))
+        return batch
+
+
+VARLEN_KEYS = ("varlen_input_ids", "varlen_position_ids", "varlen_cu_seqlens")
+
+
+def varlen_row(input_ids: torch.Tensor, attention_mask: torch.Tensor,
+               row_index: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+    """Right-padded rows [S, W] laid end to end in one row without their padding: `varlen_input_ids` and
+    `varlen_position_ids` [1, N] (0, 1, … for each sequence) and `varlen_cu_seqlens` int32 [S+1] (where each
+    sequence starts, then N), flash attention's cu_seqlens. Batch dimension 1: transformers recognises packed
+    sequences from position ids only there (`_is_packed_sequence`)."""
+    lengths = attention_mask.sum(1)
+    if bool((lengths == 0).any()):  # it would take no column, and nothing could say where it is
+        empty = int((lengths == 0).nonzero()[0])
+        pair = ""
+        if row_index is not None and empty < 2 * len(row_index):  # chosen of pair i, then rejected of pair i
+            pair = f" (dataset row {int(row_index[empty % len(row_index)])})"
+        raise PrefalignError(f"sequence {empty} of the batch{pair} has no tokens (empty prompt and completion); "
+                             "padding-free packing needs at least one")
+    cu_seqlens = torch.nn.functional.pad(lengths.cumsum(0), (1, 0)).to(torch.int32)
+    starts = torch.repeat_interleave(cu_seqlens[:-1].long(), lengths)
+    return {
+        "varlen_input_ids": input_ids[attention_mask.bool()][None],
+        "varlen_position_ids": (torch.arange(int(cu_seqlens[-1])) - starts)[None],
+        "varlen_cu_seqlens": cu_seqlens,
+    }
 
 
 def score_inputs(rows: Sequence[dict]) -> dict[str, torch.Tensor]:

@@ -9,8 +9,8 @@
   completion's mean log-prob;
 - one small batch of two pairs scored by the fast path (and, with prefix sharing, packed: both pairs in one
   row, so the pattern within a pair and the isolation between pairs are checked at once — one pair per row
-  is its special case) and by the model's own `log_softmax(logits)`: masks, positions and prefix sharing, at
-  a per-sequence tolerance;
+  is its special case; under a varlen kernel, the whole sequences in one row) and by the model's own
+  `log_softmax(logits)`: masks, positions and prefix sharing, at a per-sequence tolerance;
 - a pad id the model can embed.
 
 A disagreement stops the run with one line naming the model and the size of the difference, so a family
@@ -66,7 +66,7 @@ class FastPathMismatch(PrefalignError):
 @dataclass
 class SelfCheck:
     fast_vs_model: float  # max |Δ mean log-prob| of the completion-only path vs the model's logits
-    packed_vs_model: float | None  # the same for prefix sharing (None: not checked)
+    packed_vs_model: float | None  # the same for prefix sharing or the varlen row (None: not checked)
     tolerance: float
     n_completions: int
     head_vs_model: float | None = None  # the head check's max |Δ log-prob| (None: not run)
@@ -85,15 +85,18 @@ def check_fast_path(
     pad_token_id: int,
     *,
     prefix_sharing: bool,
+    padding_free: bool = False,
     autocast: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext,
     role: str | None = None,
 ) -> SelfCheck:
     """The head check on `rows` (tokenized pairs, two are plenty), then the rows scored three ways;
-    FastPathMismatch when anything disagrees. `role` ("reference model") names the model in messages."""
+    FastPathMismatch when anything disagrees. `role` ("reference model") names the model in messages.
+    `padding_free` without `prefix_sharing` checks the varlen layout (whole sequences in one row) instead."""
     inner = unwrap(model)
     device = next(inner.parameters()).device
     rows = [_shortened(r) for r in rows]
-    layout = Layout.PACKED if prefix_sharing else Layout.UNSHARED  # every pair in one row (the docstring says why)
+    # every pair in one row (the docstring says why)
+    layout = Layout.PACKED if prefix_sharing else Layout.VARLEN if padding_free else Layout.UNSHARED
     row_length = sum(_packed_size(r) for r in rows) if prefix_sharing else None
     batch = layout.collator(pad_token_id, row_length=row_length)(rows)
     batch = {k: v.to(device) for k, v in batch.items()}
@@ -106,7 +109,7 @@ def check_fast_path(
             args = (batch["input_ids"], batch["attention_mask"], batch["labels"])
             naive = _naive_by_row(model, *args)
             fast = pair_logps(model, batch, layout=Layout.UNSHARED)
-            packed = pair_logps(model, batch, layout=layout) if prefix_sharing else None
+            packed = pair_logps(model, batch, layout=layout) if layout is not Layout.UNSHARED else None
     finally:
         model.train(was_training)
     tolerance = TOLERANCE["low" if low else "full"]
@@ -125,9 +128,10 @@ def check_fast_path(
             f"{result.fast_vs_model:.3g} nats/token (tolerance {tolerance:g}); this model family is not supported"
         )
     if packed is not None and not result.packed_vs_model <= tolerance:
+        what, off = ("prefix-shared", "prefix_sharing") if prefix_sharing else ("padding-free (whole sequences)", "padding_free")
         raise FastPathMismatch(
-            f"self-check: {name}: prefix-shared log-probs differ from the model's own logits by "
-            f"{result.packed_vs_model:.3g} nats/token (tolerance {tolerance:g}); set prefix_sharing: false"
+            f"self-check: {name}: {what} log-probs differ from the model's own logits by "
+            f"{result.packed_vs_model:.3g} nats/token (tolerance {tolerance:g}); set {off}: false"
         )
     log.info("self-check: %s log-probs match the model's logits (max |Δ| %.2g nats/token%s; head %.2g nats, "
              "tolerance %.2g)", name, result.fast_vs_model,
@@ -229,7 +233,8 @@ def _naive_by_row(model, input_ids, attention_mask, labels) -> SequenceLogps:
 def usable_pad_id(model: torch.nn.Module, tokenizer) -> int:
     """The tokenizer's pad id when the model can embed it; else its eos id, else 0 (padded positions are
     masked, so any embeddable id gives the same log-probs). Logged once when replaced."""
-    vocab = unwrap(model).get_input_embeddings().weight.shape[0]
+    weight = unwrap(model).get_input_embeddings().weight
+    vocab = int(getattr(weight, "ds_shape", weight.shape)[0])  # a ZeRO-3 placeholder keeps its full shape there
     pad = tokenizer.pad_token_id
     if pad is not None and 0 <= pad < vocab:
         return pad

@@ -32,9 +32,10 @@ def collator_settings(data_collator, prefix_sharing: bool | None,
 
     The trainer batches tokenized pairs itself (SPO samples, the reference pass, evaluation and the self-check
     read its batches' keys), so it takes prefalign's own collators for their layout and pad id: `PairCollator`
-    is the unshared layout, `PrefixSharedCollator` the packed one (one pair per row, or several with its
-    `padding_free`). Any other collator (transformers' DataCollatorWithPadding, TRL's
-    DataCollatorForPreference, a subclass of ours) is refused: it would be dropped or fail mid-run."""
+    is the unshared layout (with its `padding_free`, whole sequences in one row: for flash attention),
+    `PrefixSharedCollator` the packed one (one pair per row, or several with its `padding_free`). Any other
+    collator (transformers' DataCollatorWithPadding, TRL's DataCollatorForPreference, a subclass of ours) is
+    refused: it would be dropped or fail mid-run."""
     kind = type(data_collator)
     layout = Layout.of_collator(data_collator)
     if layout is None:
@@ -46,9 +47,10 @@ def collator_settings(data_collator, prefix_sharing: bool | None,
         raise PrefalignError(f"data_collator: {kind.__name__} is the {'packed' if packed else 'unshared'} layout, and "
                              f"prefix_sharing is {str(prefix_sharing).lower()}; pass the other collator or leave "
                              "prefix_sharing unset")
-    free = layout is Layout.PACKED
+    free = layout in (Layout.PACKED, Layout.VARLEN)
     if padding_free is not None and padding_free != free:
-        made = "several pairs per row" if free else "one pair per row" if packed else "unshared rows"
+        made = {Layout.PACKED: "several pairs per row", Layout.VARLEN: "whole sequences end to end in one row",
+                Layout.PREFIX_SHARED: "one pair per row"}.get(layout, "unshared rows")
         raise PrefalignError(f"data_collator: {kind.__name__} makes {made}, and padding_free is "
                              f"{str(padding_free).lower()}; pass a collator that does what padding_free says, or leave "
                              "padding_free unset")
