@@ -56,6 +56,7 @@ TRAINED_PAIRS_FILE = "trained_pairs.jsonl"  # {"step", "epoch", "rows": [row_ind
 TRAIN_EVAL_FILE = "eval_trained_pairs.json"
 TRAIN_EVAL_PER_PAIR_FILE = "eval_trained_pairs_per_pair.jsonl"
 LOSS_STATE_FILE = "loss_state.safetensors"  # in a checkpoint: stateful losses' running statistics
+SPO_OPTIMIZER_FILE = "spo_head_optimizer.pt"  # in a DeepSpeed checkpoint: the SPO head's optimizer and schedule
 SYNCED_REFERENCE_FILE = "reference_model.safetensors"  # in a checkpoint: the TR-DPO reference's weights
 SETTINGS_HISTORY_FILE = "resumed_settings.jsonl"  # {"from_step", "changed": {key: {"was", "now"}}} per resume
 MANIFEST_FILE = "prefalign_files.json"  # {"written": [name, ...]}: files of the final save (names vary by model)

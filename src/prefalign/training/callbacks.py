@@ -15,6 +15,7 @@ from transformers import TrainerCallback
 
 from ..errors import PrefalignError
 from ..run_files import METRICS_FILE, TRAINED_PAIRS_FILE, append_jsonl, read_jsonl, read_metrics, write_jsonl
+from .zero import global_grad_norm
 
 
 def _plain(v):
@@ -98,6 +99,14 @@ class NonFiniteGradientGuard(TrainerCallback):
         if args.fp16:
             return
         acc = self.trainer.accelerator
+        if self.trainer.is_deepspeed_enabled:  # the engine has taken the step in backward: stop on its norm
+            norm = global_grad_norm(self.trainer.model_wrapped)
+            if norm is not None and not math.isfinite(norm):
+                raise PrefalignError(f"non-finite gradient norm at step {state.global_step + 1} under DeepSpeed (dataset "
+                                     f"rows {sorted(self.trainer._rows_since_step)[:20]}); the engine has applied "
+                                     "it: resume from the last checkpoint with a lower learning rate")
+            self.trainer._rows_since_step.clear()
+            return
         grads = [p.grad for p in self.trainer.model.parameters() if p.grad is not None]
         finite = torch.stack([torch.isfinite(g).all() for g in grads]).all() if grads else torch.tensor(True)
         finite = finite.to(acc.device, torch.float32)
@@ -140,6 +149,9 @@ class SPOHeadGradSync(TrainerCallback):
             p.grad = acc.reduce(grad, reduction="mean")
 
     def on_optimizer_step(self, args, state, control, **kwargs):
+        if self.trainer.spo_optimizer is not None:  # DeepSpeed: the head's own optimizer, as the model's steps
+            self.trainer.spo_optimizer.step()
+            self.trainer.spo_scheduler.step()
         self.trainer.spo_head.zero_grad(set_to_none=True)
 
 
@@ -152,6 +164,18 @@ class SPOEpoch(TrainerCallback):
 
     def on_epoch_begin(self, args, state, control, **kwargs):
         self.sampler.set_epoch(math.floor(state.epoch + 1e-6))  # a resumed run restarts inside its epoch
+
+
+class DeferredSelfCheck(TrainerCallback):
+    """The start-up self-check of a ZeRO-3 model, whose parameters are placeholders until `accelerator.prepare`
+    has built the engine (which gathers them around each submodule's forward): when training begins."""
+
+    def __init__(self, trainer):
+        self.trainer = trainer
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        if self.trainer.self_check is None:
+            self.trainer.self_check = self.trainer.run_self_check()
 
 
 class ReferencePass(TrainerCallback):

@@ -79,7 +79,9 @@ def resolve_inputs(model, args: PreferenceConfig, *, processing_class=None, ref_
         if args.use_peft:
             raise PrefalignError("peft_config and use_peft: give the LoRA settings one way, not both")
         from peft import get_peft_model
+        from transformers import set_seed
 
+        set_seed(args.seed)  # the adapters' random initialisation: the same for the same seed, on every process
         model = get_peft_model(model, peft_config)
         args.use_peft = True  # the reference is then the model with its adapters disabled
     if isinstance(ref_model, str):

@@ -98,6 +98,9 @@ def load_policy(cfg: PreferenceConfig, tokenizer=None):
         lora = LoraConfig(
             task_type="CAUSAL_LM", r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout, target_modules=targets
         )
+        from transformers import set_seed
+
+        set_seed(cfg.seed)  # the adapters' random initialisation: the same for the same seed, on every process
         try:
             model = get_peft_model(model, lora)
         except ValueError as e:
@@ -113,6 +116,7 @@ def build_trainer(cfg: PreferenceConfig, model, tokenizer, data: PreparedData):
     """The trainer for this config: it makes prefix sharing definite, picks a pad id the model can embed,
     builds the collator and runs the start-up self-check (PreferenceTrainer)."""
     from .trainer import PreferenceTrainer
+    from .zero import is_partitioned
 
     ref_model = None
     if cfg.ref_model_name_or_path and cfg.reference_mode() in ("model", "precomputed"):
@@ -121,6 +125,11 @@ def build_trainer(cfg: PreferenceConfig, model, tokenizer, data: PreparedData):
         # reference: model keeps it; precomputed scores the pairs with it when training begins, then frees it.
         ref_model = load_model(cfg.ref_model_name_or_path, trust_remote_code=cfg.trust_remote_code,
                                **_weights_kwargs(cfg, reference=True))
+    elif cfg.reference_mode() == "model" and is_partitioned(model):
+        from ..models import load_model
+
+        # ZeRO-3 holds the policy partitioned: no copy can be made of it, so the reference loads the same weights
+        ref_model = load_model(cfg.model_name_or_path, **_model_kwargs(cfg), **_weights_kwargs(cfg))
     # Without a reference name: precomputed scores with the policy before its first update; model makes a
     # frozen copy of the policy (in its dtype: a first DPO loss of exactly log 2).
     return PreferenceTrainer(model, cfg, ref_model=ref_model, train_dataset=data.train, eval_dataset=data.eval,

@@ -342,6 +342,7 @@ class Progress:
             self.bar.refresh()
 
     def update(self, n: int) -> None:
+        n = min(n, self.total - self.done)  # a distributed sampler repeats rows to even out the last batches
         self.done += n
         if self.bar is not None:
             self.bar.update(n)

@@ -37,9 +37,11 @@ from ..run_files import (
     SHARE_CORRECT,
     SHARE_MISRANKED,
     SKIPPED_PREFIX,
+    SPO_OPTIMIZER_FILE,
 )
 from ..spo import SPOCollator, SPOHead, all_degree_collate
 from .callbacks import (
+    DeferredSelfCheck,
     MetricsFileCallback,
     NonFiniteGradientGuard,
     ReferencePass,
@@ -79,6 +81,8 @@ from .run_state import (
     save_synced_reference,
 )
 from .telemetry import meter
+from .zero import check_setup as check_deepspeed_setup
+from .zero import inference_engine, is_partitioned
 
 log = logging.getLogger(__name__)
 
@@ -131,6 +135,7 @@ class PreferenceTrainer(CrashSafeCheckpointing, Trainer):
                          **kwargs)
         self._check_setup()
         self.spo_head = None
+        self.spo_optimizer = self.spo_scheduler = None  # DeepSpeed only (create_optimizer says why)
         if args.use_spo:
             hidden = self.accelerator.unwrap_model(model).config.hidden_size
             torch.manual_seed(args.seed)
@@ -148,14 +153,22 @@ class PreferenceTrainer(CrashSafeCheckpointing, Trainer):
             log.warning("ref_model is not used: %s", why)
             ref_model = None
         if ref_model is None and self.ref_mode == "model":
+            if is_partitioned(self.model):
+                raise PrefalignError("reference: model under ZeRO-3 needs ref_model (load it as the policy was "
+                                     "loaded): a copy of partitioned parameters cannot be made")
             ref_model = frozen_copy(self.model)  # as TRL: a frozen copy of the policy
         if ref_model is not None:
             ref_model.eval().requires_grad_(False)
-            self.ref_model = self.accelerator.prepare_model(ref_model, evaluation_mode=True)
+            if self.is_deepspeed_enabled:  # partitioned like the policy under ZeRO-3, whole under ZeRO-2
+                self.ref_model = inference_engine(ref_model, self.accelerator)
+            else:
+                self.ref_model = self.accelerator.prepare_model(ref_model, evaluation_mode=True)
             try:
                 self._ref_packed = bool(args.prefix_sharing and packing_plan(ref_model))
             except PrefixSharingRefused:
                 pass
+            if layout is Layout.VARLEN:  # whole sequences in one row: a reference of a varlen kernel too
+                self._ref_packed = layout.accepts(ref_model)
         self.loss_state: dict[str, dict | None] = {}  # stateful losses' running statistics (saved in checkpoints)
         if args.sync_ref_model:
             if self.is_fsdp_enabled:
@@ -166,6 +179,9 @@ class PreferenceTrainer(CrashSafeCheckpointing, Trainer):
         self._ref_tables: dict[str, object] = {}  # split -> ReferenceTable (reference: precomputed)
         self._scoring_split: str | None = None  # set while score() runs: which table its pairs use
         self.reference_info: list[dict] = []
+        if is_partitioned(self.model):
+            # ZeRO-3's parameters are placeholders until train() builds the engine: checked when training begins
+            self.add_callback(DeferredSelfCheck(self))
         if self.ref_mode == "precomputed":
             self.add_callback(ReferencePass(self))
         self._metrics = {"train": defaultdict(list), "eval": defaultdict(list)}
@@ -181,7 +197,7 @@ class PreferenceTrainer(CrashSafeCheckpointing, Trainer):
         self.add_callback(TrainedPairsFile(self))
         self.add_callback(NonFiniteGradientGuard(self))
         self.add_callback(SigtermCheckpoint())
-        self.self_check = self._self_check()
+        self.self_check = None if is_partitioned(self.model) else self.run_self_check()
         self.run_folder_claimed = False  # prefalign train checks it before writing its files; scripts at train()
 
     def train(self, resume_from_checkpoint=None, **kwargs):
@@ -228,19 +244,21 @@ class PreferenceTrainer(CrashSafeCheckpointing, Trainer):
                 finish_records(self, a.output_dir, summary)
         return result
 
-    def _self_check(self):
+    def run_self_check(self):
         """Two pairs scored by the fast path (packed when prefix sharing is on) and by the model's own logits,
         on the device and under the autocast training uses; a disagreement stops here in one line."""
         if self.train_dataset is None or len(self.train_dataset) == 0:
             return None
         rows = [{k: self.train_dataset[i][k] for k in TOKENIZED_COLUMNS} for i in range(min(2, len(self.train_dataset)))]
         pad = self.data_collator.collator.pad_token_id
-        result = check_fast_path(self.model, rows, pad, prefix_sharing=self.args.prefix_sharing,
-                                 autocast=self.autocast_smart_context_manager)
+        model = self.model_wrapped if is_partitioned(self.model) else self.model  # the engine gathers ZeRO-3's
+        result = check_fast_path(model, rows, pad, prefix_sharing=self.args.prefix_sharing,
+                                 padding_free=self.args.padding_free, autocast=self.autocast_smart_context_manager)
         unwrapped = self.accelerator.unwrap_model
         if self.ref_model is not None and unwrapped(self.ref_model) is not unwrapped(self.model):
             # the reference is scored by the same fast path (live, or once for the precomputed table)
-            check_fast_path(self.ref_model, rows, pad, prefix_sharing=self._ref_packed,
+            check_fast_path(self.ref_model, rows, pad, prefix_sharing=self._ref_packed and self.args.prefix_sharing,
+                            padding_free=self._ref_packed and self.args.padding_free,
                             autocast=self.autocast_smart_context_manager, role="reference model")
         return result
 
@@ -254,10 +272,7 @@ class PreferenceTrainer(CrashSafeCheckpointing, Trainer):
             raise PrefalignError("attn_implementation flex_attention: torch's FlexAttention has no backward pass on the "
                                  "CPU; train with sdpa or eager here (flex_attention evaluates on the CPU)")
         if self.is_deepspeed_enabled:
-            raise PrefalignError(
-                "DeepSpeed is not supported by prefalign yet (its frozen reference model and ZeRO-3's gathered "
-                "parameters are untested here); use FSDP (fsdp_version: 2) or DDP"
-            )
+            check_deepspeed_setup(self.args, self.accelerator)
         if os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true" and not self.is_fsdp_enabled:
             log.warning("FSDP was asked for by the launcher, but accelerate shards only on GPUs/accelerators: this "
                         "CPU run trains as DDP (every process holds the whole model; same results)")
@@ -291,7 +306,9 @@ class PreferenceTrainer(CrashSafeCheckpointing, Trainer):
             return
 
         model = self.ref_model if self.ref_model is not None else self.model_wrapped
-        packed = self.args.prefix_sharing and (self.ref_model is None or self._ref_packed)
+        # the batches' own layout (prefix-shared or varlen), or their unshared rows for a reference that refuses it
+        packed = (Layout.of(self.args.prefix_sharing, self.args.padding_free) is not Layout.UNSHARED
+                  and (self.ref_model is None or self._ref_packed))
         a = self.args
         settings = {"max_length": a.max_length, "max_prompt_length": a.max_prompt_length, "truncation": a.truncation_mode,
                     "bf16": a.bf16, "fp16": a.fp16, "packed": packed, "seed": a.seed, "processes": a.world_size,
@@ -405,11 +422,28 @@ class PreferenceTrainer(CrashSafeCheckpointing, Trainer):
     # -- the SPO head: optimised with the model, saved beside it -------------------------------------------
     def create_optimizer(self, model=None):
         optimizer = super().create_optimizer(model)
-        if self.spo_head is not None and not any(p is self.spo_head.linear.weight for g in optimizer.param_groups for p in g["params"]):
+        if self.spo_head is not None and self.is_deepspeed_enabled:
+            # DeepSpeed's optimizer takes only the engine's (partitioned) parameters: the head gets an optimizer
+            # of the same kind and settings, stepped and scheduled with it (SPOHeadGradSync), saved beside it
+            cls, kwargs = self.get_optimizer_cls_and_kwargs(self.args, model)
+            self.spo_optimizer = cls([{"params": list(self.spo_head.parameters()), "weight_decay": 0.0,
+                                       "lr": self.args.spo_head_learning_rate}], **kwargs)
+        elif self.spo_head is not None and not any(p is self.spo_head.linear.weight for g in optimizer.param_groups for p in g["params"]):
             optimizer.add_param_group(
                 {"params": list(self.spo_head.parameters()), "weight_decay": 0.0, "lr": self.args.spo_head_learning_rate}
             )
         return optimizer
+
+    def create_scheduler(self, num_training_steps: int, optimizer=None):
+        scheduler = super().create_scheduler(num_training_steps, optimizer)
+        if self.spo_optimizer is not None and self.spo_scheduler is None:
+            from transformers import get_scheduler
+
+            self.spo_scheduler = get_scheduler(
+                self.args.lr_scheduler_type, self.spo_optimizer, num_training_steps=num_training_steps,
+                num_warmup_steps=self.args.get_warmup_steps(num_training_steps),
+                scheduler_specific_kwargs=self.args.lr_scheduler_kwargs)
+        return scheduler
 
     def _save(self, output_dir: str | None = None, state_dict=None):
         folder = output_dir or self.args.output_dir
@@ -432,11 +466,27 @@ class PreferenceTrainer(CrashSafeCheckpointing, Trainer):
             self.spo_head.save(folder)
         if self.args.should_save and os.path.basename(os.path.normpath(folder)).startswith(PREFIX_CHECKPOINT_DIR):
             save_loss_state(self.loss_state, folder)  # what a resumed run needs to continue exactly
+            if self.spo_optimizer is not None:
+                torch.save({"optimizer": self.spo_optimizer.state_dict(), "scheduler": self.spo_scheduler.state_dict()},
+                           os.path.join(folder, SPO_OPTIMIZER_FILE))
             if self.args.sync_ref_model:
                 save_synced_reference(self.ref_model, folder)
 
     def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
         super()._load_from_checkpoint(resume_from_checkpoint, model)
+        self._load_prefalign_state(resume_from_checkpoint)
+
+    def _load_optimizer_and_scheduler(self, checkpoint):
+        super()._load_optimizer_and_scheduler(checkpoint)
+        if checkpoint is not None and self.is_deepspeed_enabled:  # transformers loads DeepSpeed's own way, not
+            self._load_prefalign_state(checkpoint)               # through _load_from_checkpoint
+            if self.spo_optimizer is not None:
+                state = torch.load(os.path.join(checkpoint, SPO_OPTIMIZER_FILE), weights_only=True)
+                self.spo_optimizer.load_state_dict(state["optimizer"])
+                self.spo_scheduler.load_state_dict(state["scheduler"])
+
+    def _load_prefalign_state(self, resume_from_checkpoint):
+        """What prefalign saves beside a checkpoint: the SPO head, stateful losses' statistics, a synced reference."""
         if self.spo_head is not None:
             self.spo_head.load_weights(resume_from_checkpoint)
         stateful = [n for n in self.args.preference_losses if LOSSES[n].stateful]
