@@ -84,6 +84,8 @@ def resolve_inputs(model, args: PreferenceConfig, *, processing_class=None, ref_
         set_seed(args.seed)  # the adapters' random initialisation: the same for the same seed, on every process
         model = get_peft_model(model, peft_config)
         args.use_peft = True  # the reference is then the model with its adapters disabled
+    elif args.use_peft and not hasattr(model, "peft_config"):  # as prefalign train: LoRA from the lora_* settings
+        model = lora_model(model, args)
     if isinstance(ref_model, str):
         ref_model = _load(ref_model, args, args.ref_model_init_kwargs)
     if args.disable_dropout:  # TRL's default: dropout would make policy and reference disagree for no reason
@@ -143,6 +145,22 @@ def _prepared(dataset, tokenizer, args: PreferenceConfig, name: str, report: dic
     limit = args.max_train_samples if name == "train" else args.max_eval_samples
     tokenized, report[name] = prepare_pairs(dataset, tokenizer, args, name=name, limit=limit)
     return tokenized
+
+
+def lora_model(model, cfg):
+    """`model` with LoRA adapters built from the config's lora_* settings (use_peft), initialised from its seed."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import set_seed
+
+    targets = cfg.lora_target_modules
+    targets = targets if targets == "all-linear" else [t.strip() for t in targets.split(",") if t.strip()]
+    lora = LoraConfig(task_type="CAUSAL_LM", r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
+                      target_modules=targets)
+    set_seed(cfg.seed)  # the adapters' random initialisation: the same for the same seed, on every process
+    try:
+        return get_peft_model(model, lora)
+    except ValueError as e:
+        raise PrefalignError(f"lora_target_modules={cfg.lora_target_modules!r}: {str(e).splitlines()[0]}") from None
 
 
 def frozen_copy(model):

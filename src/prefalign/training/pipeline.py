@@ -87,24 +87,12 @@ def load_tokenizer_for(cfg: PreferenceConfig):
 def load_policy(cfg: PreferenceConfig, tokenizer=None):
     """The policy model (with LoRA adapters when use_peft) and its tokenizer."""
     from ..models import load_model
+    from .inputs import lora_model
 
     tokenizer = tokenizer or load_tokenizer_for(cfg)
     model = load_model(cfg.model_name_or_path, **_model_kwargs(cfg), **_weights_kwargs(cfg))
     if cfg.use_peft:
-        from peft import LoraConfig, get_peft_model
-
-        targets = cfg.lora_target_modules
-        targets = targets if targets == "all-linear" else [t.strip() for t in targets.split(",") if t.strip()]
-        lora = LoraConfig(
-            task_type="CAUSAL_LM", r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout, target_modules=targets
-        )
-        from transformers import set_seed
-
-        set_seed(cfg.seed)  # the adapters' random initialisation: the same for the same seed, on every process
-        try:
-            model = get_peft_model(model, lora)
-        except ValueError as e:
-            raise PrefalignError(f"lora_target_modules={cfg.lora_target_modules!r}: {str(e).splitlines()[0]}") from None
+        model = lora_model(model, cfg)
     else:
         _warn_low_precision_weights(cfg, model)  # LoRA adapters are fp32 whatever the frozen base is
     if cfg.gradient_checkpointing:
