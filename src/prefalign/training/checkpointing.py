@@ -147,6 +147,9 @@ class CrashSafeCheckpointing:
 
     _checkpoint_staging: str | None = None
 
+    def save_checkpoint_extras(self, folder: str) -> None:
+        """A subclass's own files for `folder` (a checkpoint being written), on the saving process."""
+
     def train(self, *args, **kwargs):
         try:
             return super().train(*args, **kwargs)
@@ -187,6 +190,8 @@ class CrashSafeCheckpointing:
             raise
         finally:
             self._checkpoint_staging = None
+        if writer and os.path.isdir(staged):
+            self.save_checkpoint_extras(staged)
         self.accelerator.wait_for_everyone()  # every rank has written its files into the staging folder
 
         # Trainer recorded the best checkpoint under the staging path when it is the one just written.

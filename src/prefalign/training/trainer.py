@@ -462,15 +462,35 @@ class PreferenceTrainer(CrashSafeCheckpointing, Trainer):
                                          f"({e.__class__.__name__}); its files there are incomplete; free space "
                                          "and save again (the checkpoints are whole)") from None
                 raise
-        if self.spo_head is not None and self.args.should_save:
+        checkpoint = os.path.basename(os.path.normpath(folder)).startswith(PREFIX_CHECKPOINT_DIR)
+        if self.spo_head is not None and self.args.should_save and not checkpoint:  # checkpoints: below
             self.spo_head.save(folder)
-        if self.args.should_save and os.path.basename(os.path.normpath(folder)).startswith(PREFIX_CHECKPOINT_DIR):
-            save_loss_state(self.loss_state, folder)  # what a resumed run needs to continue exactly
-            if self.spo_optimizer is not None:
-                torch.save({"optimizer": self.spo_optimizer.state_dict(), "scheduler": self.spo_scheduler.state_dict()},
-                           os.path.join(folder, SPO_OPTIMIZER_FILE))
-            if self.args.sync_ref_model:
-                save_synced_reference(self.ref_model, folder)
+
+    def save_checkpoint_extras(self, folder: str) -> None:
+        """What prefalign keeps beside a checkpoint, whatever wrote the model's part: transformers calls `_save`
+        for whole weights but not for FSDP's sharded state dict (CrashSafeCheckpointing calls this, writer only)."""
+        if self.spo_head is not None:
+            self.spo_head.save(folder)
+        save_loss_state(self.loss_state, folder)  # what a resumed run needs to continue exactly
+        if self.spo_optimizer is not None:
+            torch.save({"optimizer": self.spo_optimizer.state_dict(), "scheduler": self.spo_scheduler.state_dict()},
+                       os.path.join(folder, SPO_OPTIMIZER_FILE))
+        if self.args.sync_ref_model:
+            save_synced_reference(self.ref_model, folder)
+
+    def save_model(self, output_dir: str | None = None, _internal_call: bool = False):
+        """As transformers', except that under FSDP with a sharded state dict (what checkpoints keep) the final
+        model is saved whole, as one model plain transformers loads; transformers would write none."""
+        plugin = getattr(self.accelerator.state, "fsdp_plugin", None)
+        sharded = self.is_fsdp_enabled and plugin is not None and "FULL_STATE_DICT" not in str(plugin.state_dict_type)
+        if _internal_call or not sharded:
+            return super().save_model(output_dir, _internal_call)
+        previous = plugin.state_dict_type
+        plugin.set_state_dict_type("FULL_STATE_DICT")
+        try:
+            return super().save_model(output_dir, _internal_call)
+        finally:
+            plugin.set_state_dict_type(getattr(previous, "name", previous))
 
     def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
         super()._load_from_checkpoint(resume_from_checkpoint, model)

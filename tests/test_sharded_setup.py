@@ -4,6 +4,7 @@ processes with one; before, the adapters' initialisation was not seeded at all).
 
 from __future__ import annotations
 
+import os
 from types import SimpleNamespace
 
 import pytest
@@ -64,3 +65,36 @@ def test_lora_adapters_start_the_same_for_the_same_seed(stories260k, tmp_path):
     first, again, other = adapters(0), adapters(0), adapters(1)
     assert first and all(torch.equal(first[k], again[k]) for k in first)
     assert not all(torch.equal(first[k], other[k]) for k in first)
+
+
+def test_a_checkpoint_keeps_prefalign_state_when_transformers_saves_no_whole_model(stories260k, tmp_path, monkeypatch):
+    """FSDP with a sharded state dict (accelerate's default for FSDP2 checkpoints) writes the model through
+    accelerate and never calls Trainer._save, where prefalign used to add its files: the loss state, the SPO
+    head and (DeepSpeed) its optimizer are now written for every checkpoint, whatever saved the model."""
+    import transformers
+    from datasets import Dataset
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from prefalign import PreferenceConfig, PreferenceTrainer
+    from prefalign.run_files import LOSS_STATE_FILE
+
+    original = transformers.Trainer.save_model
+
+    def sharded_like(self, output_dir=None, _internal_call=False):  # what the sharded FSDP branch leaves to us
+        if not _internal_call:
+            return original(self, output_dir, _internal_call)
+        os.makedirs(output_dir, exist_ok=True)  # accelerate's save_fsdp_model writes the shards into it
+        return None
+
+    monkeypatch.setattr(transformers.Trainer, "save_model", sharded_like)
+    rows = [{"prompt": f"Tom had {n} red balls.", "chosen": " He threw one.", "rejected": " Ball ball."} for n in range(4)]
+    args = PreferenceConfig(output_dir=str(tmp_path / "run"), loss_type="beta_dpo", use_spo=True, max_length=64,
+                            max_steps=2, save_strategy="steps", save_steps=2, per_device_train_batch_size=2,
+                            use_cpu=True, report_to="none", disable_tqdm=True, ref_cache_dir=str(tmp_path / "cache"))
+    trainer = PreferenceTrainer(model=AutoModelForCausalLM.from_pretrained(stories260k), args=args,
+                                train_dataset=Dataset.from_list(rows),
+                                processing_class=AutoTokenizer.from_pretrained(stories260k))
+    trainer.train()
+    checkpoint = tmp_path / "run" / "checkpoint-2"
+    assert not (checkpoint / "model.safetensors").exists()  # the emulated branch wrote no whole model
+    assert {LOSS_STATE_FILE, "spo_head.safetensors", "spo_head.json"} <= {p.name for p in checkpoint.iterdir()}
