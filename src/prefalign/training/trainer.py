@@ -162,6 +162,9 @@ class PreferenceTrainer(CrashSafeCheckpointing, Trainer):
             if self.is_deepspeed_enabled:  # partitioned like the policy under ZeRO-3, whole under ZeRO-2
                 self.ref_model = inference_engine(ref_model, self.accelerator)
             else:
+                if self.is_fsdp_enabled and self.ref_mode == "model":
+                    log.warning("FSDP: the live reference model is held whole by every process (accelerate shards "
+                                "only the trained model); reference: precomputed (the default) scores once and frees it")
                 self.ref_model = self.accelerator.prepare_model(ref_model, evaluation_mode=True)
             try:
                 self._ref_packed = bool(args.prefix_sharing and packing_plan(ref_model))
