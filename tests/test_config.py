@@ -124,3 +124,24 @@ def test_list_keys_from_the_command_line_take_their_element_type():
     assert cfg.loss_type == ["dpo", "sft"] and cfg.loss_weights == [1.0, 0.5]
     with pytest.raises(ConfigError, match=r"^command line: loss_weights='1,x': could not convert string to float"):
         load_config(None, ["--loss_type", "sigmoid,sft", "--loss_weights", "1,x", "--report_to", "none"])
+
+
+@pytest.mark.parametrize("launched", ["simple", "plain"])
+def test_accelerate_cpu_launcher_starting_one_process_is_said(monkeypatch, caplog, launched):
+    """accelerate's CPU launcher (a MULTI_CPU config, or --cpu --num_processes 2) starts one process without
+    mpirun, with MASTER_PORT set and no world size: that run trains alone (2 pairs a step where the DDP run it
+    was meant to be takes 4) and is said; a plain run is not (torchrun's processes, which have LOCAL_RANK and
+    WORLD_SIZE, are not either: test_multiprocess.py)."""
+    for key in ("WORLD_SIZE", "PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "MV2_COMM_WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT",
+                "ACCELERATE_USE_CPU"):
+        monkeypatch.delenv(key, raising=False)
+    if launched != "plain":
+        monkeypatch.setenv("MASTER_PORT", "29500")
+        monkeypatch.setenv("ACCELERATE_USE_CPU", "True")
+    with caplog.at_level("WARNING", logger="prefalign.config"):
+        load_config(None, ["--use_cpu", "--report_to", "none", "--per_device_train_batch_size", "2"])
+    said = [r.getMessage() for r in caplog.records if "started one process" in r.getMessage()]
+    assert said == (["accelerate launch started one process, not several: its CPU launcher (a MULTI_CPU config, or "
+                     "--cpu) starts more only under mpirun, so this run trains alone, 2 pairs a step; for N processes "
+                     "over gloo launch with --multi_gpu --num_processes N (without a GPU prefalign sets use_cpu)"]
+                    if launched == "simple" else [])

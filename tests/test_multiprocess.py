@@ -13,6 +13,7 @@ import socket
 import subprocess
 import sys
 from pathlib import Path
+from typing import NamedTuple
 
 import pytest
 import torch
@@ -157,30 +158,41 @@ def test_cli_trains_under_accelerate_launch(launches):
 TRAIN = ["--use_cpu", "--report_to", "none", "--max_steps", "3", "--save_strategy", "no", "--logging_steps", "1",
          "--optim", "sgd", "--learning_rate", "0.05", "--lr_scheduler_type", "constant", "--max_length", "96",
          "--max_prompt_length", "48", "--seed", "0", "--disable_tqdm", "true", "--per_device_eval_batch_size", "2"]
-# name -> (flags, poison "RANK:STEP" of the two-process run or None)
+
+
+class Run(NamedTuple):
+    flags: list[str]
+    poison: str | None = None  # "RANK:STEP": that process's loss NaN at that optimizer step (two-process run)
+    per_device: int = 2  # pairs per process per step; the one-process run takes both processes' at once
+    data: str = "hh.jsonl"  # written by the training_runs fixture
+
+
 RUNS = {
-    "amapo_spo_packed": (["--loss_type", "amapo", "--use_spo", "--spo_weight", "0.5"], None),
-    "amapo_spo_unshared": (["--loss_type", "amapo", "--use_spo", "--spo_weight", "0.5", "--prefix_sharing", "false"], None),
-    "dpo_rank1_skipped": (["--loss_type", "dpo", "--on_nonfinite", "skip"], "1:2"),
+    "amapo_spo_packed": Run(["--loss_type", "amapo", "--use_spo", "--spo_weight", "0.5"]),
+    "amapo_spo_unshared": Run(["--loss_type", "amapo", "--use_spo", "--spo_weight", "0.5", "--prefix_sharing", "false"]),
+    "dpo_rank1_skipped": Run(["--loss_type", "dpo", "--on_nonfinite", "skip"], poison="1:2"),
     # gathered EMA statistics, a data filter drawn over the global batch, WPO weights and LD-DPO sums
-    "beta_dpo_wpo_ld": (["--loss_type", "beta_dpo", "--rho", "0.5", "--use_weighting", "true", "--ld_alpha", "0.5"],
-                        None),
+    "beta_dpo_wpo_ld": Run(["--loss_type", "beta_dpo", "--rho", "0.5", "--use_weighting", "true", "--ld_alpha", "0.5"]),
+    # padding-free packing (on by default) with several pairs in a row: the rows are at most the micro-batch's
+    # longest pair, so two pairs share one only beside a longer one; short stories mixed with long HH dialogues,
+    # 4 per process. The FSDP-config launch (accelerate's FSDP2 config, trained as DDP on a CPU) runs it too.
+    "amapo_padding_free": Run(["--loss_type", "amapo"], per_device=4, data="mixed.jsonl"),
 }
 
 
-def _single_process_run(data: Path, model: Path, out: Path, flags: list[str], poison: str | None) -> None:
-    """The same run on one process, 4 pairs per step (2 processes x 2); a poisoned step poisons it whole."""
+def _single_process_run(work: Path, model: Path, out: Path, run: Run) -> None:
+    """The same run on one process, both processes' pairs per step; a poisoned step poisons it whole."""
     from multiprocess_train import poison as poison_step
 
     from prefalign.cli import main as cli_main
     from prefalign.training.trainer import PreferenceTrainer
 
     original = PreferenceTrainer.pair_loss
-    if poison:
-        poison_step(0, int(poison.split(":")[1]))
+    if run.poison:
+        poison_step(0, int(run.poison.split(":")[1]))
     try:
-        code = cli_main(["train", "--model_name_or_path", str(model), "--dataset", str(data), "--output_dir", str(out),
-                         *TRAIN, "--per_device_train_batch_size", "4", *flags])
+        code = cli_main(["train", "--model_name_or_path", str(model), "--dataset", str(work / run.data), "--output_dir",
+                         str(out), *TRAIN, "--per_device_train_batch_size", str(2 * run.per_device), *run.flags])
     finally:
         PreferenceTrainer.pair_loss = original
     assert code == 0
@@ -194,28 +206,30 @@ def training_runs(tmp_path_factory):
     work = tmp_path_factory.mktemp("training")
     with gzip.open(shared_path("data", "hh-rlhf", "helpful-base-test.jsonl.gz"), "rt", encoding="utf-8") as f:
         rows = [json.loads(next(f)) for _ in range(24)]
-    data = work / "hh.jsonl"
     rows = [r for r in rows if r["chosen"] != r["rejected"]][:16]
-    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (work / "hh.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (work / "mixed.jsonl").write_text("".join(json.dumps(r) + "\n" for r in mixed_pairs(rows)))
     procs = {}
-    for name, (flags, poison) in RUNS.items():
-        argv = ["--poison", poison] if poison else []
+    for name, run in RUNS.items():
+        argv = ["--poison", run.poison] if run.poison else []
         procs[name] = accelerate_launch(
-            str(HERE / "multiprocess_train.py"), *argv, "--model_name_or_path", str(model), "--dataset", str(data),
-            "--output_dir", str(work / name / "two"), *TRAIN, "--per_device_train_batch_size", "2", *flags,
-            log=work / f"{name}.log",
+            str(HERE / "multiprocess_train.py"), *argv, "--model_name_or_path", str(model), "--dataset",
+            str(work / run.data), "--output_dir", str(work / name / "two"), *TRAIN, "--per_device_train_batch_size",
+            str(run.per_device), *run.flags, log=work / f"{name}.log",
         )
     # accelerate's FSDP2 config on a CPU, and no --use_cpu: what a user of FSDP on GPUs types on this machine.
     fsdp_config = work / "accelerate_fsdp2.yaml"
     fsdp_config.write_text(ACCELERATE_FSDP2)
     env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": "", "HF_HUB_OFFLINE": "1",
            "HF_DATASETS_OFFLINE": "1", "TQDM_DISABLE": "1"}
+    same = RUNS[FSDP_CONFIG_AS]  # the DDP run it must equal
     with (work / "fsdp_config_cli.log").open("w") as f:
         procs["fsdp_config_cli"] = subprocess.Popen(
             [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(fsdp_config),
              "--main_process_port", str(_free_port()), "-m", "prefalign.cli", "train", "--model_name_or_path",
-             str(model), "--dataset", str(data), "--output_dir", str(work / "fsdp_config_cli"),
-             *[t for t in TRAIN if t != "--use_cpu"], "--per_device_train_batch_size", "2", "--loss_type", "simpo"],
+             str(model), "--dataset", str(work / same.data), "--output_dir", str(work / "fsdp_config_cli"),
+             *[t for t in TRAIN if t != "--use_cpu"], "--per_device_train_batch_size", str(same.per_device),
+             *same.flags],
             stdout=f, stderr=subprocess.STDOUT, env=env, cwd=HERE.parent)
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(HERE)}
     fsdp_log = work / "fsdp2.log"
@@ -227,8 +241,8 @@ def training_runs(tmp_path_factory):
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:  # the one-process runs, here, while the launched ones run
-        for name, (flags, poison) in RUNS.items():
-            _single_process_run(data, model, work / name / "one", flags, poison)
+        for name, run in RUNS.items():
+            _single_process_run(work, model, work / name / "one", run)
     finally:
         torch.set_num_threads(threads)
     yield {"work": work, "procs": procs, "model": model}
@@ -237,6 +251,24 @@ def training_runs(tmp_path_factory):
             proc.kill()
             proc.wait()
 
+
+def mixed_pairs(hh_rows: list[dict]) -> list[dict]:
+    """PAIRS (short stories, 30-51 tokens a pair) and 8 HH dialogues (up to 144 at the run's lengths) as explicit
+    prompt / chosen / rejected: a micro-batch holding a long pair packs short ones two or three to a row."""
+    from multiprocess_worker import PAIRS
+
+    turn = "\n\nAssistant:"
+    long = []
+    for r in hh_rows:
+        cut = r["chosen"].rfind(turn) + len(turn)
+        prompt = r["chosen"][:cut]
+        if r["rejected"].startswith(prompt) and r["chosen"][cut:].strip() and r["rejected"][cut:].strip():
+            long.append({"prompt": prompt, "chosen": r["chosen"][cut:], "rejected": r["rejected"][cut:]})
+    assert len(long) >= 8, len(long)
+    return [{"prompt": p, "chosen": c, "rejected": r} for p, c, r in PAIRS] + long[:8]
+
+
+FSDP_CONFIG_AS = "amapo_padding_free"  # the RUNS entry the FSDP-config launch repeats
 
 ACCELERATE_FSDP2 = """\
 compute_environment: LOCAL_MACHINE
@@ -254,16 +286,33 @@ use_cpu: true
 """
 
 
-def test_accelerate_fsdp_config_on_cpu_trains_as_one_group_and_says_so(training_runs):
+def _step_metrics(folder: Path) -> list[dict]:
+    """metrics.jsonl's training rows without the wall-clock values."""
+    return [{k: v for k, v in r.items() if k != "time_s" and not k.startswith("throughput/")}
+            for r in read_metrics(folder / "metrics.jsonl") if "loss" in r]
+
+
+def test_accelerate_fsdp_config_on_cpu_trains_as_ddp_and_says_so(training_runs):
     """Without use_cpu transformers ran each of the two processes alone, both writing every step to the same
-    metrics.jsonl; now they train together (set for them, and said), and the FSDP-on-CPU fallback is said."""
+    metrics.jsonl; now they train together (set for them, and said), and the FSDP-on-CPU fallback is said.
+    The fallback trains exactly as DDP: the weights of the same run launched with --multi_gpu, bit for bit, and
+    the same metrics step by step (same processes, same batches, same ops; nothing of FSDP is applied)."""
     work = training_runs["work"]
     text = finish(training_runs["procs"]["fsdp_config_cli"], work / "fsdp_config_cli.log")
     assert "launched as 2 processes without a GPU: use_cpu set" in text
     assert "this CPU run trains as DDP" in text
-    rows = [r for r in read_metrics(work / "fsdp_config_cli" / "metrics.jsonl") if "loss" in r]
+    assert "started one process" not in text  # said where accelerate's CPU launcher started one, not 2
+    rows = _step_metrics(work / "fsdp_config_cli")
     assert [r["step"] for r in rows] == [1, 2, 3]
-    assert rows[0]["epoch"] == 0.25  # 16 pairs / (2 processes x 2 pairs) = 4 steps per epoch: both processes ran
+    per_device = RUNS[FSDP_CONFIG_AS].per_device
+    assert rows[0]["epoch"] == 2 * per_device / 16  # 16 pairs, 2 x 4 a step: both processes ran (alone: 0.25)
+    ddp = work / FSDP_CONFIG_AS / "two"
+    finish(training_runs["procs"][FSDP_CONFIG_AS], work / f"{FSDP_CONFIG_AS}.log")
+    assert rows == _step_metrics(ddp)
+    assert read_jsonl(work / "fsdp_config_cli" / "trained_pairs.jsonl") == read_jsonl(ddp / "trained_pairs.jsonl")
+    got, expected = _weights(work / "fsdp_config_cli"), _weights(ddp)
+    assert got.keys() == expected.keys()
+    assert [k for k in got if not torch.equal(got[k], expected[k])] == []
 
 
 def _weights(folder: Path) -> dict[str, torch.Tensor]:
@@ -272,8 +321,9 @@ def _weights(folder: Path) -> dict[str, torch.Tensor]:
 
 @pytest.mark.parametrize("name", list(RUNS))
 def test_two_processes_train_to_the_weights_of_one(training_runs, name):
-    """DDP over gloo with SPO on, prefix sharing on and off, and a rank whose batch turns non-finite: the same
-    weights as one process on the same global batches (SGD, so float rounding stays at rounding size)."""
+    """DDP over gloo with SPO on, prefix sharing on and off, a rank whose batch turns non-finite, and packed rows
+    holding several pairs: the same weights as one process on the same global batches (SGD, so float rounding
+    stays at rounding size)."""
     work = training_runs["work"]
     text = finish(training_runs["procs"][name], work / f"{name}.log")
     assert "Traceback" not in text
@@ -289,9 +339,10 @@ def test_two_processes_train_to_the_weights_of_one(training_runs, name):
     trained = {k: [(r["step"], sorted(r["rows"])) for r in read_jsonl(work / name / k / "trained_pairs.jsonl")]
                for k in ("two", "one")}
     assert trained["two"] == trained["one"] and [s for s, _ in trained["two"]] == [1, 2, 3]
-    sizes = [len(rows) for _, rows in trained["two"]]  # 2 processes x 2 pairs; a dropped step trained on none
-    assert sizes == ([4, 4, 4] if name != "dpo_rank1_skipped" else [0 if s == 0 else 4 for s in sizes])
-    assert sizes.count(0) == (1 if name == "dpo_rank1_skipped" else 0)
+    run = RUNS[name]
+    sizes = [len(rows) for _, rows in trained["two"]]  # 2 processes x per_device pairs; a dropped step: none
+    assert sizes == [0 if s == 0 and run.poison else 2 * run.per_device for s in sizes]
+    assert sizes.count(0) == (1 if run.poison else 0)
     if "spo" in name:
         assert all("spo/loss" in r for r in rows)
     if name == "beta_dpo_wpo_ld":
@@ -299,6 +350,39 @@ def test_two_processes_train_to_the_weights_of_one(training_runs, name):
     if name == "dpo_rank1_skipped":
         assert rows[-1]["skipped/nonfinite_grad_steps"] == 1 and rows[-1]["skipped/nonfinite_loss_batches"] == 1
         assert abs(rows[0]["loss"] - 0.6931471805599453) < 1e-6  # reference pass on the sharded batches
+    if name == "amapo_padding_free":
+        _assert_packed(training_runs, run, read_jsonl(work / name / "two" / "trained_pairs.jsonl"), rows)
+
+
+def _assert_packed(training_runs, run: Run, trained: list[dict], rows: list[dict]) -> None:
+    """The two-process run's forwards ran on packed rows holding several pairs: tokens/processed (rows x
+    columns of every micro-batch's packed input, over both processes) is, step by step, what first-fit
+    decreasing packing of each process's pairs into rows no longer than its longest pair gives, and on some
+    steps fewer than one pair per row would take. Every row is at least as long as the longest pair, so fewer
+    tokens than pairs x longest pair means fewer rows than pairs."""
+    from prefalign.config import load_config
+    from prefalign.modeling.rows import first_fit_decreasing
+    from prefalign.training.pipeline import load_tokenizer_for, prepare_data
+
+    work = training_runs["work"]
+    cfg = load_config(None, ["--model_name_or_path", str(training_runs["model"]), "--dataset", str(work / run.data),
+                             "--output_dir", str(work / "lengths"), *TRAIN])
+    data = prepare_data(cfg, load_tokenizer_for(cfg)).train
+    length = {r["row_index"]: len(r["prompt_input_ids"]) + len(r["chosen_input_ids"]) + len(r["rejected_input_ids"])
+              for r in data}
+
+    def packed_tokens(lengths: list[int]) -> int:  # rows x width of one micro-batch's packed input
+        rows_ = first_fit_decreasing(lengths)
+        return len(rows_) * max(sum(lengths[i] for i in row) for row in rows_)
+
+    packed, one_per_row = [], []
+    for step in trained:  # the pairs gathered in process order: process 0's micro-batch, then process 1's
+        per_process = [[length[i] for i in step["rows"][p * run.per_device : (p + 1) * run.per_device]]
+                       for p in range(2)]
+        packed.append(sum(packed_tokens(b) for b in per_process))
+        one_per_row.append(sum(len(b) * max(b) for b in per_process))
+    assert [r["tokens/processed"] for r in rows] == packed
+    assert all(p <= o for p, o in zip(packed, one_per_row)) and packed != one_per_row, (packed, one_per_row)
 
 
 def test_spo_runs_packed_and_unshared_reach_the_same_weights(training_runs):
@@ -312,8 +396,9 @@ def test_spo_runs_packed_and_unshared_reach_the_same_weights(training_runs):
 
 def test_fsdp2_sharded_forward_path_trains_like_one_process(training_runs):
     """torch's FSDP2 (fully_shard, as accelerate's FSDP2 plugin applies it on GPUs) around prefalign's forward
-    path: two SGD steps (packed, then unshared) give one process's weights."""
-    from fsdp2_worker import two_steps
+    path: three SGD steps (padding-free packed, several pairs to a row; one pair per row; unshared) give one
+    process's weights. The worker asserts that its packed rows are fewer than its pairs."""
+    from fsdp2_worker import three_steps
     from multiprocess_worker import PAIRS, tokenized_rows
 
     from prefalign.models import load_model, load_tokenizer
@@ -324,7 +409,7 @@ def test_fsdp2_sharded_forward_path_trains_like_one_process(training_runs):
     model_dir = training_runs["model"]
     tokenizer = load_tokenizer(model_dir)
     model = load_model(model_dir, dtype=torch.float32).train()
-    two_steps(model, tokenized_rows(tokenizer, PAIRS), tokenizer.pad_token_id)
+    three_steps(model, tokenized_rows(tokenizer, PAIRS), tokenizer.pad_token_id)
     expected = dict(model.named_parameters())
     assert got.keys() == expected.keys()
     for key, value in expected.items():

@@ -359,7 +359,8 @@ class PreferenceConfig(TrainingArguments):
 
     def _cpu_when_launched_without_accelerator(self) -> None:
         """`accelerate launch` / torchrun started several processes on a machine without a GPU: without
-        use_cpu transformers would run each process alone (world size 1), all writing the same run folder."""
+        use_cpu transformers would run each process alone (world size 1), all writing the same run folder.
+        accelerate's CPU launcher asked for several without mpirun started just this one: said."""
         import os
 
         import torch
@@ -372,6 +373,19 @@ class PreferenceConfig(TrainingArguments):
                     os.environ["WORLD_SIZE"],
                 )
                 self.use_cpu = True
+        # accelerate's CPU launcher (a MULTI_CPU config, or --cpu with --num_processes N) starts several
+        # processes only under mpirun; without it it starts this one, with MASTER_PORT set for the N it was
+        # asked for and no world size: a run that trains alone, not as the DDP run it looks like.
+        world = max(int(os.environ.get(k) or 1) for k in ("WORLD_SIZE", "PMI_SIZE", "OMPI_COMM_WORLD_SIZE",
+                                                             "MV2_COMM_WORLD_SIZE"))
+        if (world == 1 and "MASTER_PORT" in os.environ and "ACCELERATE_USE_CPU" in os.environ
+                and "LOCAL_RANK" not in os.environ):
+            logging.getLogger(__name__).warning(
+                "accelerate launch started one process, not several: its CPU launcher (a MULTI_CPU config, or "
+                "--cpu) starts more only under mpirun, so this run trains alone, %d pairs a step; for N processes "
+                "over gloo launch with --multi_gpu --num_processes N (without a GPU prefalign sets use_cpu)",
+                self.per_device_train_batch_size,
+            )
 
     def _check(self) -> None:
         def bad(key, why):
