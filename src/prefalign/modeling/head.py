@@ -130,7 +130,9 @@ def _head_statements(cls: type) -> list[str] | None:
     except (OSError, TypeError):
         return None
     lines = [ln.split("#")[0].strip() for ln in source.splitlines()]
-    lines = [ln for ln in lines if ln]
+    # transformers <= 5.20 slices inside the head call (`lm_head(hidden_states[:, slice_indices, :])`), 5.21 on in
+    # `slice_logits_to_keep` before it: which positions get logits is ours to choose, so the slice is neutral.
+    lines = [ln.replace("hidden_states[:, slice_indices, :]", "hidden_states") for ln in lines if ln]
     head = [i for i, ln in enumerate(lines) if "lm_head(" in ln]
     if not head:
         return None
