@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import random
+import re
 import zlib
 from collections.abc import Callable
 from pathlib import Path
@@ -153,3 +154,57 @@ def write_demo_dataset(folder: str | Path, n_train: int, n_test: int, seed: int 
                 f.write(json.dumps(pair) + "\n")
         paths.append(path)
     return paths[0], paths[1]
+
+
+# -- checking an answer: the questions above, recognised in any text, and their known answers ---------------
+
+QUESTIONS = {
+    "units": re.compile(r"How many ([a-z]+) are in (\d+) ([a-z]+)\?"),
+    "rounding": re.compile(r"Round (\d+) to the nearest ten\."),
+    "decimals": re.compile(r"Which is larger, (\d*\.\d+) or (\d*\.\d+)\?"),
+    "doubling": re.compile(r"What is double (\d+)\?"),
+}
+NUMBER = re.compile(r"\d+(?:,\d{3})*(?:\.\d+)?|\.\d+")
+
+
+def solve(text: str) -> tuple[str, float, tuple[float, ...]] | None:
+    """(task, the correct answer, the two options of a decimals question) for the last question of this task
+    found in `text` (a rendered prompt may wrap it in a chat template), or None when it asks none of them."""
+    found = [(m.start(), task, m) for task, pattern in QUESTIONS.items() for m in pattern.finditer(text)]
+    if not found:
+        return None
+    _, task, m = max(found, key=lambda f: f[0])
+    if task == "units":
+        small, n, big = m.group(1), int(m.group(2)), m.group(3)
+        factor = next((f for b, s, f in UNITS if b == big and s == small), None)
+        return None if factor is None else (task, float(n * factor), ())
+    if task == "rounding":
+        n = int(m.group(1))
+        return task, float(n - n % 10 + (10 if n % 10 >= 5 else 0)), ()
+    if task == "decimals":
+        options = (float(m.group(1)), float(m.group(2)))
+        return task, max(options), options
+    return task, float(2 * int(m.group(1))), ()
+
+
+def numbers_in(text: str) -> list[float]:
+    """The numbers written in `text`, in order ("1,000" is one thousand)."""
+    return [float(n.replace(",", "")) for n in NUMBER.findall(text)]
+
+
+LARGER = re.compile(r"(\d*\.\d+)\s+is\s+(?:the\s+)?(?:larger|greater|bigger)")
+
+
+def given_answer(task: str, options: tuple[float, ...], response: str) -> float | None:
+    """The answer a response gives. For decimals: the option it says "is larger" (or greater, bigger) — "0.3 is
+    larger than 0.25" — else the one option it names when it names only one; naming both without saying which
+    is larger (as repeating the question does) gives no answer. For the others: the last number it writes
+    ("Double 34 is 68."), where every answer of the templates above ends. None when it gives none."""
+    if task == "decimals":
+        said = [float(x) for x in LARGER.findall(response) if float(x) in options]
+        if said:
+            return said[0]
+        named = {x for x in numbers_in(response) if x in options}
+        return named.pop() if len(named) == 1 else None
+    numbers = numbers_in(response)
+    return numbers[-1] if numbers else None

@@ -48,12 +48,8 @@ def generate_completions(model: str, dataset: str, *, limit: int | None = None, 
     out: list[dict | None] = [None] * len(prompts)
     for start in range(0, len(order), batch_size):
         batch = order[start : start + batch_size]
-        width = max(len(ids[i]) for i in batch)
-        input_ids = torch.full((len(batch), width), pad, dtype=torch.long)
-        attention = torch.zeros((len(batch), width), dtype=torch.long)
-        for row, i in enumerate(batch):  # left padding: every prompt ends where generation starts
-            input_ids[row, width - len(ids[i]) :] = torch.tensor(ids[i])
-            attention[row, width - len(ids[i]) :] = 1
+        input_ids, attention = left_padded([ids[i] for i in batch], pad)
+        width = input_ids.shape[1]
         torch.manual_seed(generator_seed + start)  # reproducible sampling, batch by batch
         sampling = dict(do_sample=True, temperature=temperature, top_p=top_p) if do_sample else dict(do_sample=False)
         with torch.no_grad(), autocast():
@@ -61,13 +57,32 @@ def generate_completions(model: str, dataset: str, *, limit: int | None = None, 
                                         max_new_tokens=max_new_tokens, pad_token_id=pad, eos_token_id=eos,
                                         **sampling)
         for row, i in enumerate(batch):
-            new = generated[row, width:].tolist()
-            stopped = eos in new
-            kept = new[: new.index(eos) + 1] if stopped else new
+            kept, stopped = cut_at_eos(generated[row, width:].tolist(), eos)
             out[i] = {"row_index": prompts[i][0], "prompt": prompts[i][1],
                       "completion": tokenizer.decode(kept[:-1] if stopped else kept, skip_special_tokens=True),
                       "n_tokens": len(kept), "stopped_at_eos": stopped}
     return out
+
+
+def left_padded(rows: list[list[int]], pad: int):
+    """(input_ids, attention_mask) of token rows padded on the left, so every prompt ends where generation
+    starts (what batched `generate` needs)."""
+    import torch
+
+    width = max(len(r) for r in rows)
+    input_ids = torch.full((len(rows), width), pad, dtype=torch.long)
+    attention = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, r in enumerate(rows):
+        input_ids[i, width - len(r) :] = torch.tensor(r, dtype=torch.long)
+        attention[i, width - len(r) :] = 1
+    return input_ids, attention
+
+
+def cut_at_eos(new: list[int], eos: int | None) -> tuple[list[int], bool]:
+    """The generated ids up to and including the first EOS (what follows it is padding), and whether an EOS
+    stopped them (False: max_new_tokens did)."""
+    stopped = eos is not None and eos in new
+    return (new[: new.index(eos) + 1] if stopped else new), stopped
 
 
 def length_summary(rows: list[dict]) -> dict:

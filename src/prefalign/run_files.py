@@ -24,6 +24,17 @@ writer (`training/`, `evaluate.py`) and the readers (`analysis/`, `cli/`) use, s
       checkpoint-N/, model and tokenizer files (transformers'), spo_head.* (with SPO);
       in a checkpoint also loss_state.safetensors (α-DPO/β-DPO) and reference_model.safetensors (TR-DPO)
 
+`prefalign online` writes a folder of rounds, each with a training run of the form above inside:
+
+    OUTPUT_DIR/
+      online_config.json        the online keys and the training config (ONLINE_CONFIG_FILE)
+      rounds.jsonl              one object per finished round; round 0 = the start model's eval (ROUNDS_FILE)
+      round-N/                  (round_folder)
+        samples.jsonl           per sample: prompt, response, tokens, reward or skip reason (SAMPLES_FILE)
+        pairs.jsonl             the pairs the round trains on              (PAIRS_FILE)
+        eval_samples.jsonl      greedy answers to eval_prompts, scored     (EVAL_SAMPLES_FILE)
+        train/                  the round's training run                   (ROUND_TRAIN_FOLDER)
+
 Runs written before 2026-12-01 have the same files, except `reference_logps/`; `prefalign compare` reads
 them unchanged.
 
@@ -61,6 +72,14 @@ SYNCED_REFERENCE_FILE = "reference_model.safetensors"  # in a checkpoint: the TR
 SETTINGS_HISTORY_FILE = "resumed_settings.jsonl"  # {"from_step", "changed": {key: {"was", "now"}}} per resume
 MANIFEST_FILE = "prefalign_files.json"  # {"written": [name, ...]}: files of the final save (names vary by model)
 LOCK_FILE = ".prefalign.lock"  # who writes into the folder now (run_lock.RunLock); removed when it ends
+# prefalign online (online/records.py)
+ONLINE_CONFIG_FILE = "online_config.json"
+ROUNDS_FILE = "rounds.jsonl"
+SAMPLES_FILE = "samples.jsonl"
+PAIRS_FILE = "pairs.jsonl"
+EVAL_SAMPLES_FILE = "eval_samples.jsonl"
+ROUND_TRAIN_FOLDER = "train"
+AWAITING_JUDGE_EXIT_CODE = 75  # EX_TEMPFAIL: the run waits for rewards in a judge file; run it again then
 INTERRUPTED_EXIT_CODE = 143  # 128 + SIGTERM, what a shell reports for a job stopped by SIGTERM
 
 # What makes a folder hold a run: a new run is not started over it without an explicit request.
@@ -175,6 +194,19 @@ def write_jsonl(rows, path) -> None:
     with open(path, "w", encoding="utf-8") as f:
         for r in rows:
             f.write(json.dumps(r) + "\n")
+
+
+def replace_jsonl(rows, path) -> None:
+    """Write a JSONL file atomically, as `write_json`: a reader sees the old whole file or the new one."""
+    path = Path(path)
+    tmp = path.with_suffix(path.suffix + f".{os.getpid()}.tmp")
+    write_jsonl(rows, tmp)
+    os.replace(tmp, path)
+
+
+def round_folder(run_dir, round_number: int) -> Path:
+    """`prefalign online`'s folder of one round (round 0: the start model, evaluated only)."""
+    return Path(run_dir) / f"round-{round_number}"
 
 
 def append_jsonl(row: dict, path) -> None:

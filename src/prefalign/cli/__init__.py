@@ -1,4 +1,4 @@
-"""`prefalign` command line: train, eval, demo, compare, data inspect.
+"""`prefalign` command line: train, eval, demo, compare, data inspect, generate, sweep, online.
 
 Every sub-command lives in its own module and registers itself through an `add_parser(subparsers)`
 function that sets `func`. A user's mistake (PrefalignError) prints one line and exits 2; `--debug`
@@ -21,6 +21,7 @@ COMMANDS = [
     ("prefalign.cli.bench", "add_parser"),
     ("prefalign.cli.generate", "add_parser"),
     ("prefalign.cli.sweep", "add_parser"),
+    ("prefalign.cli.online", "add_parser"),
 ]
 
 

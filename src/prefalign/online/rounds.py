@@ -1,0 +1,147 @@
+"""One round of an online run: sample → score → pair → train, each stage's record written when it is done.
+
+    round-N/samples.jsonl   k responses per prompt from the round's start policy, with their rewards
+    round-N/pairs.jsonl     the pairs built from them (`pairs.py`), the round's training data
+    round-N/train/          a `prefalign train` run on those pairs, steps_per_round steps, from the round's start
+                            policy; its saved model is the next round's policy
+
+A stage whose file exists was done before (by a run that was stopped): it is read back, not done again, so a
+round started again goes on where it stopped (`records.py`). Training continues from the round's last
+checkpoint, or restarts when it stopped before one.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .. import run_files as rf
+from .pairs import pairs_of_prompt
+from .records import judged_rewards, read_samples, sample_check
+from .sampling import free, generate_responses, load_for_generation, sample_seed
+from .scoring import JudgeFileReward, Skips
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class RoundResult:
+    status: str  # "finished", "interrupted" (training stopped by SIGTERM), "awaiting_judge"
+    entry: dict = field(default_factory=dict)  # the round's rounds.jsonl line, when finished
+    waiting_for: Path | None = None
+
+
+def round_prompts(n_prompts: int, per_round: int | None, seed: int, round_number: int) -> list[int]:
+    """The prompts a round samples: all, or `per_round` taken in turn from one seeded shuffle (every prompt
+    is used once before any is used again)."""
+    if per_round is None or per_round >= n_prompts:
+        return list(range(n_prompts))
+    order = list(range(n_prompts))
+    random.Random(f"prefalign-online/prompts/{seed}").shuffle(order)
+    start = (round_number - 1) * per_round
+    return [order[(start + i) % n_prompts] for i in range(per_round)]
+
+
+def policy_config(settings, policy: str):
+    """The config a policy is loaded with for sampling (the training keys, the policy as the model)."""
+    return settings.training_config(model_name_or_path=policy, **_later_round_keys(settings, policy))
+
+
+def _later_round_keys(settings, policy: str) -> dict:
+    # a later round's policy is a folder this run saved: the start model's hub revision does not apply to it
+    return {} if policy == settings.base.model_name_or_path else {"model_revision": None}
+
+
+def sample_round(settings, round_number: int, policy: str, prompts, reward, folder: Path) -> tuple[list[dict], Skips]:
+    """Sample, score and write samples.jsonl; or read it back when an earlier run wrote it."""
+    oc, cfg = settings.online, settings.base
+    chosen = round_prompts(len(prompts), oc.prompts_per_round, cfg.seed, round_number)
+    expected = [(i, j) for i in chosen for j in range(oc.samples_per_prompt)]
+    path = folder / rf.SAMPLES_FILE
+    if path.is_file():
+        rows = read_samples(path, expected)
+        if isinstance(reward, JudgeFileReward):
+            _, skips = judged_rewards(path, rows)
+        else:
+            skips = Skips()
+            for lineno, row in enumerate(rows, 1):
+                if row.get("skip"):
+                    skips.add(row["skip"], f"{path}:{lineno}: {row.get('skip_detail', '')}")
+        return rows, skips
+    t0 = time.time()
+    model, tokenizer, pad = load_for_generation(policy_config(settings, policy))
+    seeds = [[sample_seed(cfg.seed, round_number, prompts.row_indices[i], j) for j in range(oc.samples_per_prompt)]
+             for i in chosen]
+    responses = generate_responses(model, tokenizer, [prompts.texts[i] for i in chosen], seeds,
+                                   max_new_tokens=oc.max_new_tokens, batch_size=oc.generation_batch_size,
+                                   temperature=oc.temperature, top_p=oc.top_p, bf16=bool(cfg.bf16), pad_id=pad)
+    free(model)
+    rows = []
+    for position, i in enumerate(chosen):
+        prompt = prompts.texts[i]
+        for j, r in enumerate(responses[position]):
+            rows.append({"prompt_index": i, "row_index": prompts.row_indices[i], "sample": j,
+                         "seed": seeds[position][j], "prompt": prompt, "response": r["response"],
+                         "tokens": r["tokens"], "stopped_at_eos": r["stopped_at_eos"], "reward": None, "skip": None,
+                         "check": sample_check(prompt, r["response"])})
+    sampled = time.time() - t0
+    skips = Skips()
+    if not isinstance(reward, JudgeFileReward):
+        scores = reward.score([r["prompt"] for r in rows], [r["response"] for r in rows])
+        for lineno, (row, score) in enumerate(zip(rows, scores), 1):
+            row["reward"], row["skip"] = score.reward, score.skip
+            if score.skip:
+                row["skip_detail"] = score.detail
+                skips.add(score.skip, f"{path}:{lineno}: {score.detail}")
+    folder.mkdir(parents=True, exist_ok=True)
+    rf.replace_jsonl(rows, path)
+    log.info("round %d: %d responses to %d prompts sampled in %.0f s, scored in %.0f s", round_number, len(rows),
+             len(chosen), sampled, time.time() - t0 - sampled)
+    return rows, skips
+
+
+def make_pairs(settings, rows: list[dict], folder: Path) -> tuple[list[dict], Skips]:
+    """pairs.jsonl from the scored samples (the same samples always give the same pairs); a response cut off
+    by max_new_tokens loses missing_eos_penalty of its reward for the pairing."""
+    oc = settings.online
+    skips = Skips()
+    by_prompt: dict[int, list[dict]] = {}
+    for row in rows:
+        by_prompt.setdefault(row["prompt_index"], []).append(row)
+    pairs = []
+    if oc.missing_eos_penalty:
+        by_prompt = {i: [{**s, "reward": s["reward"] - oc.missing_eos_penalty
+                          if s["reward"] is not None and not s["stopped_at_eos"] else s["reward"]} for s in samples]
+                     for i, samples in by_prompt.items()}
+    for prompt_index, samples in by_prompt.items():
+        where = f"prompt {prompt_index} (row {samples[0]['row_index'] + 1})"
+        for pair in pairs_of_prompt(samples, oc.pairing, oc.pair_margin, skips, where):
+            pairs.append({"prompt_index": prompt_index, "prompt": samples[0]["prompt"], **pair})
+    path = folder / rf.PAIRS_FILE
+    if not path.is_file():  # written once: a record the round's training run reads
+        rf.replace_jsonl(pairs, path)
+    return pairs, skips
+
+
+def train_round(settings, round_number: int, policy: str, start_model: str, folder: Path) -> dict:
+    """The round's `prefalign train` run on pairs.jsonl; its summary (read back when it finished before)."""
+    from ..training.pipeline import train
+    from ..training.run_folder import folder_run
+
+    out = folder / rf.ROUND_TRAIN_FOLDER
+    done = folder_run(out)
+    if done.finished:
+        return done.summary
+    oc = settings.online
+    reference = None
+    if oc.ref_refresh == "start" and settings.base.needs_reference:
+        reference = settings.base.ref_model_name_or_path or (start_model if policy != start_model else None)
+    cfg = settings.training_config(
+        model_name_or_path=policy, output_dir=str(out), dataset=str(folder / rf.PAIRS_FILE), data_format="explicit",
+        columns=None, dataset_split=None, dataset_config=None, chat_template=None, winner_values=None,
+        ref_model_name_or_path=reference, overwrite_output_dir=False,
+        resume_from_checkpoint="latest" if done.checkpoints else None, **_later_round_keys(settings, policy))
+    return train(cfg)
