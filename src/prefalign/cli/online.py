@@ -34,13 +34,15 @@ def run(args) -> int:
     recipe = tokens.pop(0) if tokens and not tokens[0].startswith("--") else None
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     summary = run_online(recipe, tokens)
-    print(json.dumps(summary, default=str) if args.json else summary_table(summary))
-    if summary["status"] == "awaiting_judge":
-        print(f"prefalign: {summary['message']}", file=sys.stderr)
-        return AWAITING_JUDGE_EXIT_CODE
-    if summary["status"] == "interrupted":
-        print(f"prefalign: {summary['message']}", file=sys.stderr)
-        return INTERRUPTED_EXIT_CODE
+    from ..online.processes import is_main
+
+    main = is_main()  # under `accelerate launch`, one summary, not one per process
+    if main:
+        print(json.dumps(summary, default=str) if args.json else summary_table(summary))
+    if summary["status"] in ("awaiting_judge", "interrupted"):
+        if main:
+            print(f"prefalign: {summary['message']}", file=sys.stderr)
+        return AWAITING_JUDGE_EXIT_CODE if summary["status"] == "awaiting_judge" else INTERRUPTED_EXIT_CODE
     return 0
 
 

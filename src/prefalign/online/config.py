@@ -33,8 +33,6 @@ SET_BY_ROUNDS = {
     "num_train_epochs": "steps_per_round",
     "resume_from_checkpoint": "nothing: running the same command again continues from the last finished round",
     "max_train_samples": "prompts_per_round",
-    "use_peft": "nothing yet: LoRA rounds are not supported (each round starts from the previous round's saved "
-                "model)",
     "gguf_file": "a converted folder (smollm2-135m-instruct is one): later rounds and the reference load folders",
 }
 

@@ -11,7 +11,8 @@ from __future__ import annotations
 from pathlib import Path
 
 from .. import run_files as rf
-from .sampling import free, generate_responses, load_for_generation
+from .processes import gather, is_main
+from .sampling import free, generate_share, load_for_generation
 
 EXACT_ANSWER = "prefalign.online.rewards:exact_answer"
 
@@ -22,19 +23,22 @@ def evaluate_policy(settings, policy_cfg, prompts, reward, path: Path) -> dict:
 
     oc = settings.online
     model, tokenizer, pad = load_for_generation(policy_cfg)
-    answers = generate_responses(model, tokenizer, prompts.texts, None, max_new_tokens=oc.max_new_tokens,
-                                 batch_size=oc.generation_batch_size, bf16=bool(policy_cfg.bf16), pad_id=pad)
+    answers = generate_share(model, tokenizer, prompts.texts, None, max_new_tokens=oc.max_new_tokens,
+                             batch_size=oc.generation_batch_size, bf16=bool(policy_cfg.bf16), pad_id=pad)
     free(model)
-    answers = [a[0] for a in answers]
-    scores = reward.score(prompts.texts, [a["response"] for a in answers])
-    rows = [{"prompt_index": i, "row_index": prompts.row_indices[i], "prompt": prompts.texts[i], **a,
-             "reward": s.reward, "skip": s.skip} for i, (a, s) in enumerate(zip(answers, scores))]
-    path.parent.mkdir(parents=True, exist_ok=True)
-    rf.replace_jsonl(rows, path)
-    rewards = [s.reward for s in scores if s.reward is not None]
+    local = [{"prompt_index": i, "row_index": prompts.row_indices[i], "prompt": prompts.texts[i], **a}
+             for (i, _), a in answers.items()]
+    scores = reward.score([r["prompt"] for r in local], [r["response"] for r in local])
+    for row, score in zip(local, scores):
+        row.update(reward=score.reward, skip=score.skip)
+    rows = sorted(gather(local), key=lambda row: row["prompt_index"])  # each process answered its share
+    if is_main():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        rf.replace_jsonl(rows, path)
+    rewards = [r["reward"] for r in rows if r["reward"] is not None]
     summary = {"eval_prompts": len(rows), "eval_scored": len(rewards),
                "eval_mean_reward": sum(rewards) / len(rewards) if rewards else None,
-               "eval_mean_tokens": sum(a["tokens"] for a in answers) / max(1, len(answers))}
+               "eval_mean_tokens": sum(r["tokens"] for r in rows) / max(1, len(rows))}
     if reward.spec == EXACT_ANSWER and rows:
         correct = sum(1 for r in rewards if r == 1.0)
         lo, hi = wilson_interval(correct, len(rows))

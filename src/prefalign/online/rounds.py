@@ -3,7 +3,8 @@
     round-N/samples.jsonl   k responses per prompt from the round's start policy, with their rewards
     round-N/pairs.jsonl     the pairs built from them (`pairs.py`), the round's training data
     round-N/train/          a `prefalign train` run on those pairs, steps_per_round steps, from the round's start
-                            policy; its saved model is the next round's policy
+                            policy; its saved model is the next round's policy (with use_peft: its LoRA adapter,
+                            on the start model, which the next round trains on)
 
 A stage whose file exists was done before (by a run that was stopped): it is read back, not done again, so a
 round started again goes on where it stopped (`records.py`). Training continues from the round's last
@@ -20,8 +21,9 @@ from pathlib import Path
 
 from .. import run_files as rf
 from .pairs import pairs_of_prompt
+from .processes import barrier, gather, is_main, rank_and_world
 from .records import judged_rewards, read_samples, sample_check
-from .sampling import free, generate_responses, load_for_generation, sample_seed
+from .sampling import free, generate_share, load_for_generation, sample_seed
 from .scoring import JudgeFileReward, Skips
 
 log = logging.getLogger(__name__)
@@ -75,31 +77,39 @@ def sample_round(settings, round_number: int, policy: str, prompts, reward, fold
     model, tokenizer, pad = load_for_generation(policy_config(settings, policy))
     seeds = [[sample_seed(cfg.seed, round_number, prompts.row_indices[i], j) for j in range(oc.samples_per_prompt)]
              for i in chosen]
-    responses = generate_responses(model, tokenizer, [prompts.texts[i] for i in chosen], seeds,
-                                   max_new_tokens=oc.max_new_tokens, batch_size=oc.generation_batch_size,
-                                   temperature=oc.temperature, top_p=oc.top_p, bf16=bool(cfg.bf16), pad_id=pad)
+    # each process samples and scores its share; the shares, gathered, are what one process samples
+    responses = generate_share(model, tokenizer, [prompts.texts[i] for i in chosen], seeds,
+                               max_new_tokens=oc.max_new_tokens, batch_size=oc.generation_batch_size,
+                               temperature=oc.temperature, top_p=oc.top_p, bf16=bool(cfg.bf16), pad_id=pad)
     free(model)
-    rows = []
-    for position, i in enumerate(chosen):
+    local = []
+    for (position, j), r in responses.items():
+        i = chosen[position]
         prompt = prompts.texts[i]
-        for j, r in enumerate(responses[position]):
-            rows.append({"prompt_index": i, "row_index": prompts.row_indices[i], "sample": j,
-                         "seed": seeds[position][j], "prompt": prompt, "response": r["response"],
-                         "tokens": r["tokens"], "stopped_at_eos": r["stopped_at_eos"], "reward": None, "skip": None,
-                         "check": sample_check(prompt, r["response"])})
+        local.append({"prompt_index": i, "row_index": prompts.row_indices[i], "sample": j,
+                      "seed": seeds[position][j], "prompt": prompt, "response": r["response"],
+                      "tokens": r["tokens"], "stopped_at_eos": r["stopped_at_eos"], "reward": None, "skip": None,
+                      "check": sample_check(prompt, r["response"]), "_at": (position, j)})
     sampled = time.time() - t0
-    skips = Skips()
     if not isinstance(reward, JudgeFileReward):
-        scores = reward.score([r["prompt"] for r in rows], [r["response"] for r in rows])
-        for lineno, (row, score) in enumerate(zip(rows, scores), 1):
+        scores = reward.score([r["prompt"] for r in local], [r["response"] for r in local])
+        for row, score in zip(local, scores):
             row["reward"], row["skip"] = score.reward, score.skip
             if score.skip:
                 row["skip_detail"] = score.detail
-                skips.add(score.skip, f"{path}:{lineno}: {score.detail}")
-    folder.mkdir(parents=True, exist_ok=True)
-    rf.replace_jsonl(rows, path)
-    log.info("round %d: %d responses to %d prompts sampled in %.0f s, scored in %.0f s", round_number, len(rows),
-             len(chosen), sampled, time.time() - t0 - sampled)
+    rows = sorted(gather(local), key=lambda row: row.pop("_at"))
+    skips = Skips()
+    for lineno, row in enumerate(rows, 1):
+        if row["skip"]:
+            skips.add(row["skip"], f"{path}:{lineno}: {row['skip_detail']}")
+    if is_main():
+        folder.mkdir(parents=True, exist_ok=True)
+        rf.replace_jsonl(rows, path)
+        world = rank_and_world()[1]
+        log.info("round %d: %d responses to %d prompts sampled in %.0f s, scored in %.0f s%s", round_number,
+                 len(rows), len(chosen), sampled, time.time() - t0 - sampled,
+                 f" (by {world} processes, each its share)" if world > 1 else "")
+    barrier()  # samples.jsonl is written before any process goes on
     return rows, skips
 
 
@@ -121,8 +131,11 @@ def make_pairs(settings, rows: list[dict], folder: Path) -> tuple[list[dict], Sk
         for pair in pairs_of_prompt(samples, oc.pairing, oc.pair_margin, skips, where):
             pairs.append({"prompt_index": prompt_index, "prompt": samples[0]["prompt"], **pair})
     path = folder / rf.PAIRS_FILE
-    if not path.is_file():  # written once: a record the round's training run reads
+    exists = path.is_file()
+    barrier()  # every process has looked before the main process writes
+    if not exists and is_main():  # written once: a record the round's training run reads
         rf.replace_jsonl(pairs, path)
+    barrier()
     return pairs, skips
 
 
@@ -138,10 +151,16 @@ def train_round(settings, round_number: int, policy: str, start_model: str, fold
     oc = settings.online
     reference = None
     if oc.ref_refresh == "start" and settings.base.needs_reference:
-        reference = settings.base.ref_model_name_or_path or (start_model if policy != start_model else None)
+        reference = settings.base.ref_model_name_or_path
+        if reference is None and policy != start_model and settings.base.reference_mode() != "adapter":
+            # with LoRA (reference: adapter) the adapter continues from round to round on the start model's
+            # weights, so the model with its adapter disabled is the start model already: nothing to load
+            reference = start_model
     cfg = settings.training_config(
         model_name_or_path=policy, output_dir=str(out), dataset=str(folder / rf.PAIRS_FILE), data_format="explicit",
         columns=None, dataset_split=None, dataset_config=None, chat_template=None, winner_values=None,
         ref_model_name_or_path=reference, overwrite_output_dir=False,
         resume_from_checkpoint="latest" if done.checkpoints else None, **_later_round_keys(settings, policy))
-    return train(cfg)
+    summary = train(cfg)
+    barrier()  # the main process has written the saved model's last files (tokenizer, records) before any loads it
+    return summary

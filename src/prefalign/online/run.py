@@ -7,7 +7,13 @@ from the first check to the last record. Then each round not yet in rounds.jsonl
 gets its line there. Started again, a run continues after its last finished round; `rounds` may grow.
 
 The reference of a reference-based loss is the start model (`ref_refresh: start`) or the round's start
-policy (`ref_refresh: round`). Each round trains with a fresh optimizer and learning-rate schedule.
+policy (`ref_refresh: round`). Each round trains with a fresh optimizer and learning-rate schedule. With
+use_peft one LoRA adapter trains on from round to round on the start model's weights (the model with it
+disabled, the reference, is the start model: `ref_refresh: round` is refused).
+
+Under `accelerate launch` / torchrun every process runs these steps; each samples its share of a round's
+responses, the main process writes the records and holds the lock, and the round trains as `prefalign train`
+does under the launcher (`processes.py`).
 """
 
 from __future__ import annotations
@@ -20,6 +26,7 @@ from pathlib import Path
 from .. import run_files as rf
 from ..errors import ConfigError, PrefalignError
 from .config import OnlineSettings, load_online
+from .processes import barrier, is_main
 from .records import changed_settings, check_folder, read_rounds, record_round, remove_online_run
 from .rounds import make_pairs, policy_config, sample_round, train_round
 from .scoring import JudgeFileReward, Skips, load_reward
@@ -30,28 +37,16 @@ log = logging.getLogger(__name__)
 def run_online(settings: OnlineSettings | str | Path | None = None, overrides: list[str] | dict | None = None) -> dict:
     """Run (or continue) the online run a recipe and overrides describe; returns its summary:
     {"status": finished | interrupted | awaiting_judge, "output_dir", "rounds": [rounds.jsonl lines], ...}."""
-    _refuse_several_processes()  # first: building the config would start the processes' group
     if not isinstance(settings, OnlineSettings):
-        settings = load_online(settings, overrides)
+        settings = load_online(settings, overrides)  # under a launcher: starts the processes' group (processes.py)
     _refuse_unsupported(settings)
     out = settings.output_dir
-    from ..run_lock import RunLock
-    from ..training.run_folder import check_not_an_input, check_writable
+    from ..training.run_folder import check_not_an_input, check_writable, holding_lock
 
     check_not_an_input(out, settings.base)
     check_writable(out)
-    with RunLock(out, "online"):
+    with holding_lock(out, "online", settings.base):  # the main process holds the lock; the others learn of it
         return _run_locked(settings, out)
-
-
-def _refuse_several_processes() -> None:
-    """What launchers set (torchrun / accelerate launch; MPI for several CPU processes), read without starting a
-    process group."""
-    world = max(int(os.environ.get(k) or 1) for k in ("WORLD_SIZE", "PMI_SIZE", "OMPI_COMM_WORLD_SIZE",
-                                                         "MV2_COMM_WORLD_SIZE"))
-    if world > 1:
-        raise ConfigError("prefalign online runs on one process for now (sampling is not yet split across "
-                          "processes): start it without accelerate launch / torchrun")
 
 
 def _refuse_unsupported(settings: OnlineSettings) -> None:
@@ -62,6 +57,10 @@ def _refuse_unsupported(settings: OnlineSettings) -> None:
         if importlib.util.find_spec("vllm") is None:
             raise ConfigError("generation_backend: vllm is not installed (pip install vllm), or use transformers")
         raise ConfigError("generation_backend: vllm is not supported yet; use transformers")
+    if oc.ref_refresh == "round" and cfg.use_peft:
+        raise ConfigError("ref_refresh: round cannot be honoured with use_peft: one LoRA adapter trains on across "
+                          "the rounds, so the reference (the model with its adapter disabled) is the start model; use "
+                          "ref_refresh: start, or train the full model")
     if oc.ref_refresh == "round" and cfg.ref_model_name_or_path:
         raise ConfigError("ref_refresh: round makes each round's start policy the reference, and "
                           "ref_model_name_or_path names another: set one of them")
@@ -120,12 +119,14 @@ def _run_locked(settings: OnlineSettings, out: Path) -> dict:
     eval_prompts = _load_prompts(settings, tokenizer, oc.eval_prompts, oc.max_eval_prompts) if oc.eval_prompts else None
     reward = load_reward(oc.reward, max_length=cfg.max_length, batch_size=cfg.per_device_eval_batch_size,
                          use_cpu=cfg.use_cpu)
-    if plan == "overwrite":
+    barrier()  # every process has checked the folder and its inputs before the main process writes
+    if plan == "overwrite" and is_main():
         removed = remove_online_run(out, _inputs(settings))
         log.warning("overwrite_output_dir: removed the online run that was in %s (%d files and folders)", out,
                     len(removed))
-    if plan in ("new", "overwrite"):
+    if plan in ("new", "overwrite") and is_main():
         rf.write_json(out / rf.ONLINE_CONFIG_FILE, {"online": recorded_online, "training": cfg.prefalign_dict()})
+    barrier()
     rounds = read_rounds(out)
     start_model = cfg.model_name_or_path
     if eval_prompts is not None and not any(r["round"] == 0 for r in rounds):
@@ -133,7 +134,7 @@ def _run_locked(settings: OnlineSettings, out: Path) -> dict:
 
         summary = evaluate_policy(settings, policy_config(settings, start_model), eval_prompts, reward,
                                   rf.round_folder(out, 0) / rf.EVAL_SAMPLES_FILE)
-        rounds = record_round(out, {"round": 0, "policy": start_model, **summary})
+        rounds = _record(out, {"round": 0, "policy": start_model, **summary})
         log.info("round 0 (the start model): %s", _eval_line(summary))
     finished = [r for r in rounds if r["round"] >= 1]
     if len(finished) >= oc.rounds:
@@ -144,9 +145,19 @@ def _run_locked(settings: OnlineSettings, out: Path) -> dict:
         result = _run_round(settings, out, number, rounds, prompts, eval_prompts, reward, start_model)
         if result["status"] != "finished":
             return {**result, "output_dir": str(out), "rounds": rounds, **read}
-        rounds = record_round(out, result["entry"])
+        rounds = _record(out, result["entry"])
     return {"status": "finished", "output_dir": str(out), "rounds": rounds, **read,
             "final_model": str(out / current_policy(rounds, start_model)) if _trained(rounds) else start_model}
+
+
+def _record(out: Path, entry: dict) -> list[dict]:
+    """The round's line written by the main process; rounds.jsonl as every process then reads it."""
+    if is_main():
+        record_round(out, entry)
+    barrier()
+    rounds = read_rounds(out)
+    barrier()  # read by all before the main process replaces it again
+    return rounds
 
 
 def _trained(rounds: list[dict]) -> bool:
@@ -171,11 +182,11 @@ def _run_round(settings, out: Path, number: int, rounds: list[dict], prompts, ev
         message = (f"round {number}: fill in the reward of each line of {path} (a number; null leaves the sample "
                    "out), then run the same command again")
         return {"status": "awaiting_judge", "waiting_for": str(path), "message": message}
-    if reward_skips.counts:
+    if reward_skips.counts and is_main():
         log.warning("round %d: %d of %d samples have no reward: %s", number, sum(reward_skips.counts.values()),
                     len(rows), reward_skips.describe())
     pairs, pair_skips = make_pairs(settings, rows, folder)
-    if pair_skips.counts:
+    if pair_skips.counts and is_main():
         log.warning("round %d: %d prompts gave no pair: %s", number, sum(v for k, v in pair_skips.counts.items()
                     if k != "identical_responses"), pair_skips.describe())
     sampled = time.time() - t0
@@ -211,9 +222,10 @@ def _run_round(settings, out: Path, number: int, rounds: list[dict], prompts, ev
                                      folder / rf.EVAL_SAMPLES_FILE))
     entry["seconds"] = {"sample_score_pair": round(sampled, 1), "train": round(trained_seconds, 1),
                         "total": round(time.time() - t0, 1)}
-    log.info("round %d: mean reward %s over %d samples, %d pairs, trained %s%s", number,
-             f"{entry['mean_reward']:.4g}" if entry["mean_reward"] is not None else "-", len(rows), len(pairs),
-             entry.get("train_steps", 0), f"; {_eval_line(entry)}" if eval_prompts is not None else "")
+    say = log.info if is_main() else log.debug  # one line per round, not one per process
+    say("round %d: mean reward %s over %d samples, %d pairs, trained %s%s", number,
+        f"{entry['mean_reward']:.4g}" if entry["mean_reward"] is not None else "-", len(rows), len(pairs),
+        entry.get("train_steps", 0), f"; {_eval_line(entry)}" if eval_prompts is not None else "")
     return {"status": "finished", "entry": entry}
 
 

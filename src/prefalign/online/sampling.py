@@ -1,4 +1,5 @@
-"""Sampling k responses per prompt from the policy: batched, left-padded `generate`, each response seeded alone.
+"""Sampling k responses per prompt from the policy: batched, left-padded `generate`, each response seeded alone;
+under a launcher each process samples its share (`generate_share`).
 
 Each sampled sequence has its own random generator, seeded from (seed, round, the prompt's source row, the
 sample's number): temperature and top-p cut the logits as transformers' sampling does, then Gumbel noise from
@@ -94,14 +95,36 @@ def generate_responses(model, tokenizer, prompts: list[str], seeds: list[list[in
     return out
 
 
+def generate_share(model, tokenizer, prompts: list[str], seeds: list[list[int]] | None, **kwargs) -> dict:
+    """This process's share of `generate_responses(...)` under a launcher (all of it on one process):
+    {(prompt i, sample j): response}. Each response depends on its seed alone, so the shares of several
+    processes, gathered, are exactly what one process samples."""
+    from .processes import share
+
+    counts = [len(s) for s in seeds] if seeds is not None else [1] * len(prompts)
+    jobs = share([(i, j) for i, n in enumerate(counts) for j in range(n)])
+    mine: dict[int, list[int]] = {}
+    for i, j in jobs:
+        mine.setdefault(i, []).append(j)
+    if not mine:
+        return {}
+    got = generate_responses(model, tokenizer, [prompts[i] for i in mine],
+                             [[seeds[i][j] for j in js] for i, js in mine.items()] if seeds is not None else None,
+                             **kwargs)
+    return {(i, j): r for (i, js), rs in zip(mine.items(), got) for j, r in zip(js, rs)}
+
+
 def load_for_generation(cfg):
-    """(model, tokenizer, pad id) of the policy `cfg` names, on the GPU when there is one (and use_cpu is off)."""
+    """(model, tokenizer, pad id) of the policy `cfg` names, on the GPU when there is one (and use_cpu is off;
+    under a launcher, this process's own GPU)."""
     from ..modeling import usable_pad_id
     from ..training.pipeline import load_policy
+    from .processes import device_for
 
     model, tokenizer = load_policy(cfg)
-    if torch.cuda.is_available() and not cfg.use_cpu:
-        model.to("cuda")
+    device = device_for(cfg)
+    if device.type != "cpu":
+        model.to(device)
     return model, tokenizer, usable_pad_id(model, tokenizer)
 
 

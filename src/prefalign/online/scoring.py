@@ -113,7 +113,9 @@ class ModelReward:
                 self.tokenizer.pad_token = self.tokenizer.eos_token or self.tokenizer.unk_token
         text_config.pad_token_id = self.tokenizer.pad_token_id
         self.tokenizer.padding_side = "right"
-        self.device = torch.device("cuda" if torch.cuda.is_available() and not use_cpu else "cpu")
+        # under a launcher, each process scores its share of the samples on its own GPU
+        self.device = torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK') or 0)}"
+                                   if torch.cuda.is_available() and not use_cpu else "cpu")
         self.model.to(self.device)
         self.max_length, self.batch_size = max_length, batch_size
 

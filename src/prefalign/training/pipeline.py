@@ -92,7 +92,9 @@ def load_policy(cfg: PreferenceConfig, tokenizer=None):
     tokenizer = tokenizer or load_tokenizer_for(cfg)
     model = load_model(cfg.model_name_or_path, **_model_kwargs(cfg), **_weights_kwargs(cfg))
     if cfg.use_peft:
-        model = lora_model(model, cfg)
+        # an adapter folder loads with its adapter trainable: that adapter trains on (as build_inputs does), rather
+        # than a second one stacked on it
+        model = model if hasattr(model, "peft_config") else lora_model(model, cfg)
     else:
         _warn_low_precision_weights(cfg, model)  # LoRA adapters are fp32 whatever the frozen base is
     if cfg.gradient_checkpointing:
