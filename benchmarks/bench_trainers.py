@@ -3,6 +3,7 @@
     pip install trl            # the peer measured against; this script installs nothing
     python benchmarks/bench_trainers.py                    # the full run (see benchmarks/README.md)
     python benchmarks/bench_trainers.py --quick            # tiny model, fp32, a few steps: a smoke test
+    python benchmarks/bench_trainers.py --cases smollm2-uf1024:fp32,smollm2-uf1024:bf16   # the long case
 
 Every trainer runs in its own fresh process (peak RSS = that process's ru_maxrss), on the same pairs in the
 same order (sequential sampling), tokenized once by prefalign so both see identical token ids and lengths.
@@ -28,41 +29,90 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared"
 HH = SHARED / "data" / "hh-rlhf" / "helpful-base-test.jsonl.gz"
+UF = SHARED / "data" / "ultrafeedback" / "train_prefs_500.jsonl"
 STORIES = SHARED / "models" / "stories260K"
-MODELS = {"smollm2": "smollm2-135m-instruct", "tiny": str(STORIES)}
 RESULT = "BENCH_RESULT "
 
-# name -> (implementation, prefalign loss or TRL trainer, use_spo, prefix sharing). prefalign's plain names run
-# its defaults (prefix sharing on wherever it is exact for the model: both models here); "-unshared" turns it off.
-TRAINERS = {
-    "trl-dpo": ("trl", "dpo", False, False),
-    "trl-dpo-precomputed": ("trl", "dpo-precomputed", False, False),
-    "prefalign-dpo": ("prefalign", "dpo", False, None),
-    "prefalign-dpo-unshared": ("prefalign", "dpo", False, False),
-    "trl-cpo-simpo": ("trl", "cpo-simpo", False, False),
-    "prefalign-simpo": ("prefalign", "simpo", False, None),
-    "prefalign-simpo-unshared": ("prefalign", "simpo", False, False),
-    "prefalign-amapo": ("prefalign", "amapo", False, None),
-    "prefalign-amapo-unshared": ("prefalign", "amapo", False, False),
-    "prefalign-amapo+spo": ("prefalign", "amapo", True, None),
-    "prefalign-amapo+spo-unshared": ("prefalign", "amapo", True, False),
+# Case name (before ":precision") -> model, data and its own defaults for the flags left unset. The short cases
+# are the ones measured since 2026-11 (HH-RLHF, batch 2, 256 tokens); smollm2-uf1024 is issue 29's long case,
+# at the lengths users train (UltraFeedback, batch 8, 1024 tokens, prompt cut to 512).
+CASES = {
+    "smollm2": {"model": "smollm2-135m-instruct", "data": HH, "comparisons": "short", "batch": 2,
+                "max_length": 256, "max_prompt_length": 128, "warmup": 1, "steps": 3},
+    "tiny": {"model": str(STORIES), "data": HH, "comparisons": "short", "batch": 2, "max_length": 256,
+             "max_prompt_length": 128, "warmup": 1, "steps": 8},
+    "smollm2-uf1024": {"model": "smollm2-135m-instruct", "data": UF, "comparisons": "long", "batch": 8,
+                       "max_length": 1024, "max_prompt_length": 512, "warmup": 1, "steps": 3},
 }
-# (prefalign trainer, TRL trainer it is compared with, speed target, whether the losses must agree)
-COMPARISONS = [
-    ("prefalign-dpo", "trl-dpo", 1.5, True),
-    ("prefalign-dpo-unshared", "trl-dpo", 1.5, True),
-    ("prefalign-dpo", "trl-dpo-precomputed", None, True),
-    ("prefalign-simpo", "trl-cpo-simpo", 2.0, True),
-    ("prefalign-simpo-unshared", "trl-cpo-simpo", 2.0, True),
-    ("prefalign-amapo", "trl-cpo-simpo", 2.0, False),
-    ("prefalign-amapo-unshared", "trl-cpo-simpo", 2.0, False),
-    ("prefalign-amapo+spo", "trl-cpo-simpo", 2.0, False),
-    ("prefalign-amapo+spo-unshared", "trl-cpo-simpo", 2.0, False),
-]
+
+# name -> (implementation, prefalign loss or TRL trainer, use_spo, prefix sharing, other config settings).
+# prefalign's plain names run its defaults (prefix sharing and padding-free packing on wherever they are exact
+# for the model: both models here); "-unshared" turns prefix sharing off (and with it padding-free packing),
+# "-no-padding-free" keeps prefix sharing with one pair per row, "-gc" turns on gradient checkpointing. TRL's
+# trainers run with gradient checkpointing off (TRL's default is on) unless named "-gc".
+TRAINERS = {
+    "trl-dpo": ("trl", "dpo", False, False, {}),
+    "trl-dpo-gc": ("trl", "dpo", False, False, {"gradient_checkpointing": True}),
+    "trl-dpo-precomputed": ("trl", "dpo-precomputed", False, False, {}),
+    "prefalign-dpo": ("prefalign", "dpo", False, None, {}),
+    "prefalign-dpo-no-padding-free": ("prefalign", "dpo", False, None, {"padding_free": False}),
+    "prefalign-dpo-unshared": ("prefalign", "dpo", False, False, {}),
+    "prefalign-dpo-gc": ("prefalign", "dpo", False, None, {"gradient_checkpointing": True}),
+    # the layouts' effect where the variants without gradient checkpointing do not fit in memory (the long case)
+    "prefalign-dpo-gc-no-padding-free": ("prefalign", "dpo", False, None,
+                                         {"gradient_checkpointing": True, "padding_free": False}),
+    "prefalign-dpo-gc-unshared": ("prefalign", "dpo", False, False, {"gradient_checkpointing": True}),
+    "trl-cpo-simpo": ("trl", "cpo-simpo", False, False, {}),
+    "trl-cpo-simpo-gc": ("trl", "cpo-simpo", False, False, {"gradient_checkpointing": True}),
+    "prefalign-simpo": ("prefalign", "simpo", False, None, {}),
+    "prefalign-simpo-no-padding-free": ("prefalign", "simpo", False, None, {"padding_free": False}),
+    "prefalign-simpo-unshared": ("prefalign", "simpo", False, False, {}),
+    "prefalign-amapo": ("prefalign", "amapo", False, None, {}),
+    "prefalign-amapo-unshared": ("prefalign", "amapo", False, False, {}),
+    "prefalign-amapo+spo": ("prefalign", "amapo", True, None, {}),
+    "prefalign-amapo+spo-unshared": ("prefalign", "amapo", True, False, {}),
+}
+# Per case kind: (prefalign trainer, TRL trainer it is compared with, speed target, memory target, whether the
+# losses must agree). A None target is shown without a verdict (the row shows what a variant changes).
+MEMORY_TARGET = 0.75  # the short cases' memory target
+COMPARISONS = {
+    "short": [
+        ("prefalign-dpo", "trl-dpo", 1.5, MEMORY_TARGET, True),
+        ("prefalign-dpo-unshared", "trl-dpo", 1.5, MEMORY_TARGET, True),
+        ("prefalign-dpo", "trl-dpo-precomputed", None, MEMORY_TARGET, True),
+        ("prefalign-simpo", "trl-cpo-simpo", 2.0, MEMORY_TARGET, True),
+        ("prefalign-simpo-unshared", "trl-cpo-simpo", 2.0, MEMORY_TARGET, True),
+        ("prefalign-amapo", "trl-cpo-simpo", 2.0, MEMORY_TARGET, False),
+        ("prefalign-amapo-unshared", "trl-cpo-simpo", 2.0, MEMORY_TARGET, False),
+        ("prefalign-amapo+spo", "trl-cpo-simpo", 2.0, MEMORY_TARGET, False),
+        ("prefalign-amapo+spo-unshared", "trl-cpo-simpo", 2.0, MEMORY_TARGET, False),
+    ],
+    "long": [  # issue 29: at the lengths users train, >= 2.5x DPOTrainer and >= 2x CPOTrainer at <= 0.6x memory
+        ("prefalign-dpo", "trl-dpo", 2.5, 0.6, True),
+        ("prefalign-dpo-no-padding-free", "trl-dpo", None, None, True),
+        ("prefalign-dpo-unshared", "trl-dpo", None, None, True),
+        ("prefalign-dpo-gc", "trl-dpo", None, None, True),
+        # TRL at its own default (gradient checkpointing on), where it fits in memory only that way
+        ("prefalign-dpo", "trl-dpo-gc", 2.5, 0.6, True),
+        ("prefalign-dpo-gc", "trl-dpo-gc", None, None, True),
+        ("prefalign-dpo-gc-no-padding-free", "trl-dpo-gc", None, None, True),
+        ("prefalign-dpo-gc-unshared", "trl-dpo-gc", None, None, True),
+        ("prefalign-simpo", "trl-cpo-simpo", 2.0, 0.6, True),
+        ("prefalign-simpo-no-padding-free", "trl-cpo-simpo", None, None, True),
+        ("prefalign-simpo-unshared", "trl-cpo-simpo", None, None, True),
+        ("prefalign-amapo", "trl-cpo-simpo", 2.0, 0.6, False),
+        ("prefalign-simpo", "trl-cpo-simpo-gc", 2.0, 0.6, True),
+        ("prefalign-amapo", "trl-cpo-simpo-gc", 2.0, 0.6, False),
+    ],
+}
+# What one setting changes against prefalign's defaults, same loss: (variant, default)
+VARIANTS = [("prefalign-dpo-no-padding-free", "prefalign-dpo"), ("prefalign-dpo-unshared", "prefalign-dpo"),
+            ("prefalign-dpo-gc", "prefalign-dpo"), ("prefalign-dpo-gc-no-padding-free", "prefalign-dpo-gc"),
+            ("prefalign-dpo-gc-unshared", "prefalign-dpo-gc"), ("prefalign-simpo-no-padding-free", "prefalign-simpo"),
+            ("prefalign-simpo-unshared", "prefalign-simpo")]
 # SPO's step-time overhead over its base loss in the same layout (issue 5's target: at most 1.6x)
 SPO_OVERHEAD = [("prefalign-amapo+spo", "prefalign-amapo"), ("prefalign-amapo+spo-unshared", "prefalign-amapo-unshared")]
 SPO_OVERHEAD_TARGET = 1.6
-MEMORY_TARGET = 0.75
 BETAS = {"dpo": 0.1, "simpo": 2.0}  # prefalign's defaults, given to TRL explicitly
 SIMPO_GAMMA = 0.5
 
@@ -159,7 +209,7 @@ def _child_prefalign(spec: dict, rec: _Recorder):
     from prefalign.training import reference as reference_cache
     from prefalign.training.pipeline import build_trainer, prepare_data
 
-    _, loss, spo, ps = TRAINERS[spec["trainer"]]
+    _, loss, spo, ps, extra = TRAINERS[spec["trainer"]]
     overrides = {
         "model_name_or_path": spec["model"], "dataset": spec["data"], "output_dir": spec["workdir"],
         "loss_type": loss, "use_spo": spo, "use_cpu": True, "report_to": "none", "save_strategy": "no",
@@ -172,6 +222,7 @@ def _child_prefalign(spec: dict, rec: _Recorder):
     }
     if ps is not None:
         overrides["prefix_sharing"] = ps
+    overrides.update(extra)
     cfg = load_config(None, overrides)
     tok = load_tokenizer(spec["model"])
     model = load_model(spec["model"], dtype=torch.float32)
@@ -190,16 +241,17 @@ def _child_prefalign(spec: dict, rec: _Recorder):
 
     reference_cache.score_missing = timed
     trainer = build_trainer(cfg, model, tok, data)
-    return trainer, model, len(data.train), timing["reference_s"], _prefalign_tokens
+    return trainer, model, len(data.train), timing, _prefalign_tokens  # the pass runs when training begins
 
 
 def _trl_args(spec: dict, cls, **extra):
+    gc = TRAINERS[spec["trainer"]][4].get("gradient_checkpointing", False)
     return cls(
         output_dir=spec["workdir"], use_cpu=True, report_to="none", save_strategy="no", eval_strategy="no",
         logging_steps=10_000, disable_tqdm=True, seed=0, per_device_train_batch_size=spec["batch"],
         gradient_accumulation_steps=1, learning_rate=spec["lr"], max_steps=spec["warmup"] + spec["steps"],
         bf16=spec["precision"] == "bf16", train_sampling_strategy="sequential",
-        gradient_checkpointing=False,  # TRL's default is True; prefalign's (transformers') is False
+        gradient_checkpointing=gc,  # TRL's default is True; prefalign's (transformers') is False
         max_length=spec["max_length"], **extra,
     )
 
@@ -259,7 +311,7 @@ def _child_trl(spec: dict, rec: _Recorder):
             return _mask_tokens(batch["chosen_attention_mask"], batch["rejected_attention_mask"])
 
     reference_s = time.perf_counter() - t0 if kind == "dpo-precomputed" else 0.0
-    return trainer, model, len(prompts), reference_s, count
+    return trainer, model, len(prompts), {"reference_s": reference_s}, count
 
 
 def child(spec: dict) -> None:
@@ -269,7 +321,7 @@ def child(spec: dict) -> None:
     torch.manual_seed(0)
     rec = _Recorder()
     run = _child_trl if spec["trainer"].startswith("trl") else _child_prefalign
-    trainer, model, n_pairs, reference_s, count = run(spec, rec)
+    trainer, model, n_pairs, timing, count = run(spec, rec)
     trainer.add_callback(rec.callback())
     rec.wrap_loss(trainer)
     rec.wrap_collator(trainer, count)
@@ -282,7 +334,7 @@ def child(spec: dict) -> None:
     out = {
         "trainer": spec["trainer"], "step_s": steps, "cpu_step_s": cpu_steps, "losses": rec.losses, "tokens": rec.tokens,
         "padded_tokens": rec.padded, "peak_rss_mb": _rss_mb(), "setup_rss_mb": setup_rss, "params": params,
-        "n_pairs": n_pairs, "reference_s": reference_s, "threads": torch.get_num_threads(),
+        "n_pairs": n_pairs, "reference_s": timing["reference_s"], "threads": torch.get_num_threads(),
         "rss_phases_mb": rec.rss_phases,
     }
     print(RESULT + json.dumps(out), flush=True)
@@ -325,21 +377,23 @@ def matmul_peak(threads: int, n: int = 1024, seconds: float = 1.0) -> dict[str, 
     return out
 
 
-def prepare_pairs(model: str, n_pairs: int, max_length: int, max_prompt_length: int, out: Path) -> dict:
-    """Write the first `n_pairs` HH-RLHF pairs that survive prefalign's tokenization (raw lines, so that every
-    child reads and tokenizes them itself) and return the token lengths of all usable pairs."""
+def prepare_pairs(model: str, n_pairs: int, max_length: int, max_prompt_length: int, out: Path,
+                  source: Path = HH) -> dict:
+    """Write the first `n_pairs` pairs of `source` (a .jsonl or .jsonl.gz file: HH-RLHF transcripts or
+    UltraFeedback's chat-message lists) that survive prefalign's tokenization (raw lines, so that every child
+    reads and tokenizes them itself) and return the token lengths of all usable pairs."""
     from prefalign.data import load_preference_data, tokenize_pairs
     from prefalign.models import load_tokenizer
 
     tok = load_tokenizer(model)
-    pairs = load_preference_data(str(HH), tokenizer=tok)
+    pairs = load_preference_data(str(source), tokenizer=tok)
     tokenized, _ = tokenize_pairs(pairs.dataset, tok, max_length=max_length, max_prompt_length=max_prompt_length)
     keep = tokenized["row_index"][:n_pairs]
     if len(keep) < n_pairs:
         raise SystemExit(f"only {len(keep)} usable pairs, {n_pairs} needed")
-    with gzip.open(HH, "rt", encoding="utf-8") as f:
-        lines = f.readlines()
-    out.write_text("".join(lines[i] for i in keep))
+    with (gzip.open if source.suffix == ".gz" else open)(source, "rt", encoding="utf-8") as f:
+        lines = [ln for ln in f.readlines() if ln.strip()]  # row_index counts the file's rows from 0
+    out.write_text("".join(lines[i] if lines[i].endswith("\n") else lines[i] + "\n" for i in keep))
     return {"lengths": [(len(p), len(c), len(r)) for p, c, r in zip(
         tokenized["prompt_input_ids"], tokenized["chosen_input_ids"], tokenized["rejected_input_ids"])]}
 
@@ -371,18 +425,54 @@ def padding_study(lengths: list[tuple[int, int, int]], batch: int, seed: int = 0
     return out
 
 
-def run_child(spec: dict, timeout: float) -> dict:
+def _resident_mb(pid: int) -> float:
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return 0.0
+
+
+def _available_mb() -> float:
+    for line in Path("/proc/meminfo").read_text().splitlines():
+        if line.startswith("MemAvailable:"):
+            return int(line.split()[1]) / 1024
+    return float("inf")
+
+
+def run_child(spec: dict, timeout: float, max_rss_mb: float | None = None, min_free_mb: float | None = None) -> dict:
+    """One trainer in a fresh process (PYTHONPATH and the rest of the environment inherited). Killed, and
+    recorded as failed, when it runs past `timeout`, its resident memory passes `max_rss_mb` or the machine's
+    available memory falls below `min_free_mb` (read every 0.2 s from /proc: a trainer that needs more than
+    the machine has fails alone instead of taking it down)."""
     env = dict(os.environ, OMP_NUM_THREADS=str(spec["threads"]), MKL_NUM_THREADS=str(spec["threads"]),
                TOKENIZERS_PARALLELISM="false", TRANSFORMERS_VERBOSITY="error", PYTHONWARNINGS="ignore")
     cmd = [sys.executable, str(Path(__file__).resolve()), "--child", json.dumps(spec)]
-    try:
-        proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=timeout, cwd=REPO)
-    except subprocess.TimeoutExpired:
-        return {"trainer": spec["trainer"], "error": f"timed out after {timeout:.0f} s"}
-    for line in proc.stdout.splitlines():
+    with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
+        proc = subprocess.Popen(cmd, stdout=out, stderr=err, text=True, env=env, cwd=REPO)
+        t_end, error = time.perf_counter() + timeout, None
+        while proc.poll() is None:
+            if time.perf_counter() > t_end:
+                error = f"timed out after {timeout:.0f} s"
+            elif max_rss_mb and (rss := _resident_mb(proc.pid)) > max_rss_mb:
+                error = f"stopped: resident memory reached {rss:.0f} MB, over the {max_rss_mb:.0f} MB limit"
+            elif min_free_mb and (free := _available_mb()) < min_free_mb:
+                error = (f"stopped: the machine's available memory fell to {free:.0f} MB (limit {min_free_mb:.0f} MB) "
+                         f"with the trainer at {_resident_mb(proc.pid):.0f} MB resident")
+            if error:
+                proc.kill()
+                proc.wait()
+                return {"trainer": spec["trainer"], "error": error}
+            time.sleep(0.2)
+        out.seek(0)
+        err.seek(0)
+        stdout, stderr = out.read(), err.read()
+    for line in stdout.splitlines():
         if line.startswith(RESULT):
             return json.loads(line[len(RESULT):])
-    tail = "\n".join((proc.stdout + proc.stderr).strip().splitlines()[-25:])
+    tail = "\n".join((stdout + stderr).strip().splitlines()[-25:])
     return {"trainer": spec["trainer"], "error": f"exit {proc.returncode}:\n{tail}"}
 
 
@@ -391,13 +481,22 @@ def summarize(r: dict, spec: dict, peak: dict[str, float]) -> dict:
         return r
     w = spec["warmup"]
     wall, cpu = r["step_s"][w:], r["cpu_step_s"][w:]
-    tokens = statistics.median(r["tokens"][w : w + len(wall)])
-    flops = (6 + (2 if r["trainer"] == "trl-dpo" else 0)) * r["params"] * tokens  # + a live reference forward
+    # The last entries are the training batches (prefalign's reference pass collates the same batches first)
+    n = len(r["step_s"])
+    real, padded = r["tokens"][-n:][w:], r["padded_tokens"][-n:][w:]
+    tokens = statistics.median(real)
+    live_reference = TRAINERS[r["trainer"]][:2] == ("trl", "dpo")
+    flops = (6 + (2 if live_reference else 0)) * r["params"] * tokens  # + a live reference forward
     s = dict(r)
     s.update(
         wall_s=statistics.median(wall),
         cpu_s=statistics.median(cpu),
         tokens_per_step=tokens,
+        # Over all timed steps: tokens the policy's forward ran on (rows x width, padding in, as the training
+        # telemetry counts them) per CPU-second, the padding among them, and pairs per CPU-second of the total.
+        tokens_per_cpu_s=sum(padded) / sum(cpu),
+        padding_share=1 - sum(real) / sum(padded),
+        pairs_per_cpu_s_total=spec["batch"] * len(cpu) / sum(cpu),
     )
     s.update(
         pairs_per_s=spec["batch"] / s["wall_s"],
@@ -415,39 +514,55 @@ def report(case: str, spec: dict, results: dict[str, dict]) -> list[dict]:
     print(f"\n=== {case}: batch {spec['batch']} pairs, max_length {spec['max_length']} (prompt "
           f"{spec['max_prompt_length']}), {spec['threads']} thread(s); medians of {spec['steps']} steps after "
           f"{spec['warmup']} warm-up ===")
-    print(f"{'trainer':22} {'pairs/cpu-s':>11} {'pairs/s':>8} {'cpu s':>6} {'wall s':>6} {'tok/step':>8} "
-          f"{'peak RSS MB':>11} {'setup MB':>8} {'GFLOP/s':>7} {'%peak':>5}  per-step losses")
+    print(f"{'trainer':30} {'pairs/cpu-s':>11} {'pairs/s':>8} {'cpu s':>6} {'wall s':>6} {'tok/step':>8} "
+          f"{'tok/cpu-s':>9} {'pad %':>5} {'peak RSS MB':>11} {'setup MB':>8} {'GFLOP/s':>7} {'%peak':>5}  "
+          "per-step losses")
     for name, s in results.items():
         if "error" in s:
-            print(f"{name:22} FAILED {s['error']}")
+            print(f"{name:30} FAILED {s['error']}")
             continue
         losses = " ".join(f"{x:.6f}" for x in s["losses"])
-        print(f"{name:22} {s['pairs_per_cpu_s']:11.3f} {s['pairs_per_s']:8.3f} {s['cpu_s']:6.2f} {s['wall_s']:6.2f} "
-              f"{s['tokens_per_step']:8.0f} {s['peak_rss_mb']:11.0f} {s['setup_rss_mb']:8.0f} "
+        print(f"{name:30} {s['pairs_per_cpu_s']:11.3f} {s['pairs_per_s']:8.3f} {s['cpu_s']:6.2f} {s['wall_s']:6.2f} "
+              f"{s['tokens_per_step']:8.0f} {s['tokens_per_cpu_s']:9.1f} {100 * s['padding_share']:5.1f} "
+              f"{s['peak_rss_mb']:11.0f} {s['setup_rss_mb']:8.0f} "
               f"{s['achieved_flops'] / 1e9:7.2f} {100 * s['peak_fraction']:5.1f}  {losses}")
         if s.get("rss_phases_mb"):  # where the peak was reached, so a regression shows in its phase
-            print(f"{'':22} peak RSS MB by phase: "
+            print(f"{'':30} peak RSS MB by phase: "
                   + ", ".join(f"{k} {v:.0f}" for k, v in s["rss_phases_mb"].items()))
+        print(f"{'':30} timed steps, cpu s: {' '.join(f'{x:.2f}' for x in s['cpu_step_s'][spec['warmup']:])}; "
+              f"{s['pairs_per_cpu_s_total']:.3f} pairs per cpu-s over their total")
         if "pairs_per_s_with_reference_pass" in s:
-            print(f"{'':22} reference pass before training: {s['reference_s']:.1f} s for {s['n_pairs']} pairs "
+            print(f"{'':30} reference pass before training: {s['reference_s']:.1f} s for {s['n_pairs']} pairs "
                   f"-> {s['pairs_per_s_with_reference_pass']:.3f} pairs/s (wall) if paid once per epoch")
     rows = []
-    print(f"{'prefalign / TRL':42} {'speed(cpu)':>10} {'speed(wall)':>11} {'target':>6} {'memory':>6} "
-          f"{'target':>6} {'max|loss diff|':>14}")
-    for ours, theirs, target, same_loss in COMPARISONS:
+    print(f"{'prefalign / TRL':48} {'speed(cpu)':>10} {'(total)':>7} {'speed(wall)':>11} {'target':>6} "
+          f"{'memory':>6} {'target':>6} {'max|loss diff|':>14}")
+    for ours, theirs, target, memory_target, same_loss in COMPARISONS[spec["comparisons"]]:
         a, b = results.get(ours), results.get(theirs)
         if not a or not b or "error" in a or "error" in b:
             continue
         speed = a["pairs_per_cpu_s"] / b["pairs_per_cpu_s"]
+        total = a["pairs_per_cpu_s_total"] / b["pairs_per_cpu_s_total"]
         wall = a["pairs_per_s"] / b["pairs_per_s"]
         memory = a["peak_rss_mb"] / b["peak_rss_mb"]
         diff = max(abs(x - y) for x, y in zip(a["losses"], b["losses"])) if same_loss else None
-        ok = (target is None or speed >= target) and memory <= MEMORY_TARGET
-        print(f"{ours + ' / ' + theirs:42} {speed:9.2f}x {wall:10.2f}x {'' if target is None else f'{target:.1f}x':>6} "
-              f"{memory:5.2f}x {MEMORY_TARGET:5.2f}x {'' if diff is None else f'{diff:.1e}':>14}  "
-              f"{'meets' if ok else 'MISSES'}")
-        rows.append({"case": case, "ours": ours, "theirs": theirs, "speed_cpu": speed, "speed_wall": wall,
-                     "memory": memory, "speed_target": target, "loss_diff": diff, "meets": ok})
+        judged = target is not None or memory_target is not None
+        ok = (target is None or speed >= target) and (memory_target is None or memory <= memory_target)
+        print(f"{ours + ' / ' + theirs:48} {speed:9.2f}x {total:6.2f}x {wall:10.2f}x "
+              f"{'' if target is None else f'{target:.1f}x':>6} {memory:5.2f}x "
+              f"{'' if memory_target is None else f'{memory_target:.2f}x':>6} "
+              f"{'' if diff is None else f'{diff:.1e}':>14}  {('meets' if ok else 'MISSES') if judged else ''}")
+        rows.append({"case": case, "ours": ours, "theirs": theirs, "speed_cpu": speed, "speed_cpu_total": total,
+                     "speed_wall": wall, "memory": memory, "speed_target": target, "memory_target": memory_target,
+                     "loss_diff": diff, "meets": ok if judged else None})
+    for variant, base in VARIANTS:
+        a, b = results.get(variant), results.get(base)
+        if a and b and "error" not in a and "error" not in b:
+            diff = max(abs(x - y) for x, y in zip(a["losses"], b["losses"]))
+            print(f"{base} / {variant}: {a['cpu_s'] / b['cpu_s']:.2f}x speed (cpu), "
+                  f"{b['pairs_per_cpu_s_total'] / a['pairs_per_cpu_s_total']:.2f}x "
+                  f"(total); memory {b['peak_rss_mb'] / a['peak_rss_mb']:.2f}x; padding "
+                  f"{100 * b['padding_share']:.1f}% vs {100 * a['padding_share']:.1f}%; max|loss diff| {diff:.1e}")
     for spo, base in SPO_OVERHEAD:
         a, b = results.get(spo), results.get(base)
         if a and b and "error" not in a and "error" not in b:
@@ -459,8 +574,14 @@ def report(case: str, spec: dict, results: dict[str, dict]) -> list[dict]:
 
 
 # Which trainers each case runs by default. SmolLM2 steps are expensive on a 2-core machine, so its plan leaves
-# out what the tiny model already measures (TRL's precomputed-reference DPO, AMaPO without prefix sharing).
+# out what the tiny model already measures (TRL's precomputed-reference DPO, AMaPO without prefix sharing). The
+# long case runs TRL both ways (without gradient checkpointing, like prefalign's default, and at TRL's default);
+# its bf16 plan leaves out the variants that only show a layout's effect (measured in fp32).
+LONG = ["trl-dpo", "trl-dpo-gc", "prefalign-dpo", "trl-cpo-simpo", "trl-cpo-simpo-gc", "prefalign-simpo",
+        "prefalign-amapo"]
 PLAN = {
+    "smollm2-uf1024:fp32": [*LONG, "prefalign-dpo-no-padding-free", "prefalign-dpo-unshared", "prefalign-dpo-gc"],
+    "smollm2-uf1024:bf16": LONG,
     "smollm2:fp32": ["trl-dpo", "prefalign-dpo", "trl-cpo-simpo", "prefalign-simpo", "prefalign-amapo",
                      "prefalign-amapo+spo"],
     "smollm2:bf16": ["trl-dpo", "prefalign-dpo", "trl-cpo-simpo", "prefalign-simpo", "prefalign-amapo"],
@@ -477,31 +598,50 @@ def main(argv=None) -> None:
     ap.add_argument("--cases", default=DEFAULT_CASES, help=f"comma-separated, from: {', '.join(PLAN)}")
     ap.add_argument("--trainers", help="comma-separated, for every case (default: each case's plan), from: "
                     + ", ".join(TRAINERS))
-    ap.add_argument("--batch", type=int, default=2, help="pairs per step")
-    ap.add_argument("--max-length", type=int, default=256)
-    ap.add_argument("--max-prompt-length", type=int, default=128)
-    ap.add_argument("--warmup", type=int, default=1)
-    ap.add_argument("--steps", type=int, default=3, help="timed steps per trainer, SmolLM2")
-    ap.add_argument("--tiny-steps", type=int, default=8, help="timed steps per trainer, tiny model")
+    # Left unset, these take each case's own value (CASES: batch 2, 256 / 128 tokens, 3 SmolLM2 or 8 tiny steps
+    # for the short cases; batch 8, 1024 / 512 tokens, 3 steps for smollm2-uf1024); given, they apply to every case.
+    ap.add_argument("--batch", type=int, help="pairs per step (default: the case's)")
+    ap.add_argument("--max-length", type=int, help="default: the case's")
+    ap.add_argument("--max-prompt-length", type=int, help="default: the case's")
+    ap.add_argument("--warmup", type=int, help="default: the case's (1)")
+    ap.add_argument("--steps", type=int, help="timed steps per trainer, SmolLM2 cases (default: the case's, 3)")
+    ap.add_argument("--tiny-steps", type=int, help="timed steps per trainer, tiny model (default 8)")
     ap.add_argument("--lr", type=float, default=1e-5)
     ap.add_argument("--threads", type=int, default=1, help="OMP_NUM_THREADS and torch threads, for every trainer")
     ap.add_argument("--timeout", type=float, default=900, help="seconds per trainer process")
+    ap.add_argument("--max-rss-gb", type=float, default=18.0,
+                    help="stop a trainer whose resident memory passes this (recorded as failed); 0: no limit")
+    ap.add_argument("--min-available-gb", type=float, default=1.5,
+                    help="stop a trainer when the machine's available memory falls below this; 0: no limit")
     ap.add_argument("--json", help="write every raw and summarised number here")
+    ap.add_argument("--report", metavar="JSON[,JSON...]",
+                    help="measure nothing: print the reports of earlier --json files, their cases' trainers merged "
+                         "(a trainer measured in several files: the last one's)")
     args = ap.parse_args(argv)
     if args.child:
         child(json.loads(args.child))
         return
-    if not HH.exists() or not STORIES.exists():
-        raise SystemExit(f"{SHARED} (HH-RLHF data and stories260K) is needed; see shared/README.md")
+    if args.report:
+        merged: dict[str, dict] = {}
+        for path in args.report.split(","):
+            for case, entry in json.loads(Path(path).read_text())["cases"].items():
+                merged.setdefault(case, {"spec": entry["spec"], "results": {}})["results"].update(entry["results"])
+        for case, entry in merged.items():
+            report(case, entry["spec"], entry["results"])
+        return
+    cases = [c.strip() for c in ("tiny:fp32" if args.quick else args.cases).split(",") if c.strip()]
+    if set(cases) - set(PLAN):
+        raise SystemExit(f"unknown cases {sorted(set(cases) - set(PLAN))}; choose from {', '.join(PLAN)}")
+    needed = {CASES[c.split(":")[0]]["data"] for c in cases} | {STORIES}
+    if any(not path.exists() for path in needed):
+        raise SystemExit(f"{SHARED} (the cases' data and stories260K) is needed; see shared/README.md")
     try:
         import trl
     except ImportError:
         raise SystemExit("TRL is the peer measured against: pip install trl") from None
-    cases = [c.strip() for c in ("tiny:fp32" if args.quick else args.cases).split(",") if c.strip()]
-    if set(cases) - set(PLAN):
-        raise SystemExit(f"unknown cases {sorted(set(cases) - set(PLAN))}; choose from {', '.join(PLAN)}")
     if args.quick:
-        args.trainers, args.tiny_steps = args.trainers or "trl-cpo-simpo,prefalign-simpo,prefalign-simpo-unshared", 3
+        args.trainers = args.trainers or "trl-cpo-simpo,prefalign-simpo,prefalign-simpo-unshared"
+        args.tiny_steps = args.tiny_steps or 3
     chosen = [t.strip() for t in args.trainers.split(",")] if args.trainers else None
     if chosen and set(chosen) - set(TRAINERS):
         raise SystemExit(f"unknown trainers {sorted(set(chosen) - set(TRAINERS))}; choose from {', '.join(TRAINERS)}")
@@ -521,43 +661,51 @@ def main(argv=None) -> None:
     print("peak per CPU-second: matmul fp32 {:.1f}, matmul bf16 {:.1f}, linear under bf16 autocast {:.1f} GFLOP/s"
           .format(peak["matmul_fp32"] / 1e9, peak["matmul_bf16"] / 1e9, peak["linear_bf16_autocast"] / 1e9))
 
+    def setting(key: str, name: str):
+        given = getattr(args, "tiny_steps" if (key, name) == ("tiny", "steps") else name)
+        return CASES[key][name] if given is None else given
+
     everything = {"machine": cpu, "peak": peak, "args": vars(args), "cases": {}, "comparisons": [], "padding": {}}
     with tempfile.TemporaryDirectory(prefix="prefalign-bench-") as tmp:
-        data_files = {}
+        data_files, shapes = {}, {}
         for case in cases:
-            model_key = case.split(":")[0]
-            if model_key in data_files:
+            key = case.split(":")[0]
+            if key in data_files:
                 continue
-            steps = args.steps if model_key == "smollm2" else args.tiny_steps
-            path = Path(tmp) / f"pairs-{model_key}.jsonl"
-            info = prepare_pairs(MODELS[model_key], (args.warmup + steps) * args.batch, args.max_length,
-                                 args.max_prompt_length, path)
-            data_files[model_key] = str(path)
-            study = everything["padding"][model_key] = padding_study(info["lengths"], args.batch)
-            print(f"\npadding over one epoch of {len(info['lengths'])} HH-RLHF pairs ({model_key} tokenizer, "
-                  f"batch {args.batch}): tokens the model runs on per pair")
+            shape = shapes[key] = {k: setting(key, k) for k in ("batch", "max_length", "max_prompt_length",
+                                                                 "warmup", "steps")}
+            source = CASES[key]["data"]
+            path = Path(tmp) / f"pairs-{key}.jsonl"
+            info = prepare_pairs(CASES[key]["model"], (shape["warmup"] + shape["steps"]) * shape["batch"],
+                                 shape["max_length"], shape["max_prompt_length"], path, source=source)
+            data_files[key] = str(path)
+            study = everything["padding"][key] = padding_study(info["lengths"], shape["batch"])
+            print(f"\npadding over one epoch of {len(info['lengths'])} pairs of {source.name} ({key}: "
+                  f"{Path(CASES[key]['model']).name} tokenizer, max_length {shape['max_length']}, prompt "
+                  f"{shape['max_prompt_length']}, batch {shape['batch']}): tokens the model runs on per pair")
             for k, v in study.items():
                 print(f"  {k:18} {v['tokens_per_pair']:7.1f}  (real {v['real_tokens_per_pair']:6.1f}, "
                       f"padding {100 * v['padding_fraction']:4.1f}%)")
         for case in cases:
-            model_key, precision = case.split(":")
+            key, precision = case.split(":")
             spec = {
-                "model": MODELS[model_key], "precision": precision, "batch": args.batch,
-                "max_length": args.max_length, "max_prompt_length": args.max_prompt_length,
-                "warmup": args.warmup, "steps": args.steps if model_key == "smollm2" else args.tiny_steps,
-                "lr": args.lr, "threads": args.threads, "data": data_files[model_key],
+                "model": CASES[key]["model"], "precision": precision, **shapes[key], "lr": args.lr,
+                "threads": args.threads, "data": data_files[key], "comparisons": CASES[key]["comparisons"],
             }
             results = {}
+            everything["cases"][case] = {"spec": spec, "results": results}
             for name in chosen or PLAN[case]:
                 workdir = Path(tmp) / f"{case.replace(':', '-')}-{name}"
                 workdir.mkdir()
                 t = time.time()
-                raw = run_child({**spec, "trainer": name, "workdir": str(workdir)}, args.timeout)
+                raw = run_child({**spec, "trainer": name, "workdir": str(workdir)}, args.timeout,
+                                args.max_rss_gb * 1024 or None, args.min_available_gb * 1024 or None)
                 results[name] = summarize(raw, spec, peak)
                 status = "FAILED" if "error" in raw else f"{results[name]['pairs_per_cpu_s']:.3f} pairs/cpu-s"
                 print(f"  [{case}] {name}: {status} ({time.time() - t:.0f} s, load {os.getloadavg()[0]:.1f})",
                       flush=True)
-            everything["cases"][case] = {"spec": spec, "results": results}
+                if args.json:  # after every trainer, so that a long run stopped midway keeps what it measured
+                    Path(args.json).write_text(json.dumps(everything, indent=1))
             everything["comparisons"] += report(case, spec, results)
     print(f"\nwall time {time.time() - t_start:.0f} s; load average at the end {os.getloadavg()}")
     if args.json:
