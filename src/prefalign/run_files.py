@@ -18,6 +18,8 @@ writer (`training/`, `evaluate.py`) and the readers (`analysis/`, `cli/`) use, s
       trained_pairs.jsonl       per optimizer step: the rows trained on (TRAINED_PAIRS_FILE)
       eval_trained_pairs.json   ranking accuracy on the pairs trained on (TRAIN_EVAL_FILE; prefalign sweep)
       eval_trained_pairs_per_pair.jsonl                                (TRAIN_EVAL_PER_PAIR_FILE)
+      answers.json              greedy answers to held-out prompts, scored (ANSWERS_FILE; prefalign sweep)
+      answers_per_prompt.jsonl  one object per prompt: the answer and its reward (ANSWERS_PER_PROMPT_FILE)
       resumed_settings.jsonl    per resume: the step it continued from and what changed (SETTINGS_HISTORY_FILE)
       prefalign_files.json      the names the final save wrote (model, tokenizer): what an overwrite removes
       .prefalign.lock           while a process writes into the folder: which one (LOCK_FILE, run_lock.py)
@@ -29,6 +31,7 @@ writer (`training/`, `evaluate.py`) and the readers (`analysis/`, `cli/`) use, s
     OUTPUT_DIR/
       online_config.json        the online keys and the training config (ONLINE_CONFIG_FILE)
       rounds.jsonl              one object per finished round; round 0 = the start model's eval (ROUNDS_FILE)
+      eval_pairs.jsonl          eval_dataset's pairs as the user's data keys read them, rendered (EVAL_PAIRS_FILE)
       round-N/                  (round_folder)
         samples.jsonl           per sample: prompt, response, tokens, reward or skip reason (SAMPLES_FILE)
         pairs.jsonl             the pairs the round trains on              (PAIRS_FILE)
@@ -66,6 +69,9 @@ TRAINED_PAIRS_FILE = "trained_pairs.jsonl"  # {"step", "epoch", "rows": [row_ind
 # eval_train.json scored on the file's first rows instead, mostly never trained on: not read any more)
 TRAIN_EVAL_FILE = "eval_trained_pairs.json"
 TRAIN_EVAL_PER_PAIR_FILE = "eval_trained_pairs_per_pair.jsonl"
+# prefalign sweep (`answers:`): the final model's greedy answers to held-out prompts, scored with a reward
+ANSWERS_FILE = "answers.json"
+ANSWERS_PER_PROMPT_FILE = "answers_per_prompt.jsonl"
 LOSS_STATE_FILE = "loss_state.safetensors"  # in a checkpoint: stateful losses' running statistics
 SPO_OPTIMIZER_FILE = "spo_head_optimizer.pt"  # in a DeepSpeed checkpoint: the SPO head's optimizer and schedule
 SYNCED_REFERENCE_FILE = "reference_model.safetensors"  # in a checkpoint: the TR-DPO reference's weights
@@ -75,6 +81,8 @@ LOCK_FILE = ".prefalign.lock"  # who writes into the folder now (run_lock.RunLoc
 # prefalign online (online/records.py)
 ONLINE_CONFIG_FILE = "online_config.json"
 ROUNDS_FILE = "rounds.jsonl"
+# each round's pairs are read as explicit text; the held-out pairs once, with the user's data keys, into this
+EVAL_PAIRS_FILE = "eval_pairs.jsonl"
 SAMPLES_FILE = "samples.jsonl"
 PAIRS_FILE = "pairs.jsonl"
 EVAL_SAMPLES_FILE = "eval_samples.jsonl"

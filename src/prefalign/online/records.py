@@ -114,8 +114,9 @@ def own_names(run_dir) -> list[str]:
     if not run_dir.is_dir():
         return []
     return sorted(p.name for p in run_dir.iterdir()
-                  if p.name in (rf.ONLINE_CONFIG_FILE, rf.ROUNDS_FILE) or p.name.startswith("round-")
-                  or (p.name.startswith((rf.ONLINE_CONFIG_FILE, rf.ROUNDS_FILE)) and p.name.endswith(".tmp")))
+                  if p.name in (rf.ONLINE_CONFIG_FILE, rf.ROUNDS_FILE, rf.EVAL_PAIRS_FILE) or p.name.startswith("round-")
+                  or (p.name.startswith((rf.ONLINE_CONFIG_FILE, rf.ROUNDS_FILE, rf.EVAL_PAIRS_FILE))
+                      and p.name.endswith(".tmp")))
 
 
 def remove_online_run(run_dir, inputs: list[Path]) -> list[str]:
@@ -143,3 +144,21 @@ def changed_settings(run_dir, online: dict, training: dict) -> dict[str, dict]:
                if k not in MAY_CHANGE and recorded.get("online", {}).get(k) != v}
     changes.update(changed_training(recorded.get("training", {}), training))
     return changes
+
+
+def read_eval_pairs(settings, tokenizer) -> list[dict] | None:
+    """The training config's eval_dataset, read with the user's data keys (format, columns, split, chat
+    template) as rendered explicit pairs, for EVAL_PAIRS_FILE: each round reads its own pairs.jsonl as explicit
+    text, and one set of data keys serves a training run's train and eval data alike. Row order and the pairs
+    kept are those `prefalign train` scores, so an online run's held-out records line up with an offline run's."""
+    from ..data import load_preference_data
+
+    cfg = settings.base
+    if not cfg.eval_dataset:
+        return None
+    pdata = load_preference_data(cfg.eval_dataset, tokenizer=tokenizer, split=cfg.eval_split,
+                                 config_name=cfg.dataset_config, columns=cfg.columns, data_format=cfg.data_format,
+                                 chat_template=cfg.chat_template, on_bad_row=cfg.on_bad_row,
+                                 winner_values=cfg.winner_values, scores=False)
+    return [{"prompt": r["prompt"], "chosen": r["chosen"], "rejected": r["rejected"], "source_row": r["row_index"]}
+            for r in pdata.dataset]

@@ -156,9 +156,11 @@ def train_round(settings, round_number: int, policy: str, start_model: str, fold
             # with LoRA (reference: adapter) the adapter continues from round to round on the start model's
             # weights, so the model with its adapter disabled is the start model already: nothing to load
             reference = start_model
+    held_out = folder.parent / rf.EVAL_PAIRS_FILE  # eval_dataset as the user's data keys read it (records.py)
+    eval_keys = {"eval_dataset": str(held_out), "eval_split": None} if settings.base.eval_dataset else {}
     cfg = settings.training_config(
         model_name_or_path=policy, output_dir=str(out), dataset=str(folder / rf.PAIRS_FILE), data_format="explicit",
-        columns=None, dataset_split=None, dataset_config=None, chat_template=None, winner_values=None,
+        columns=None, dataset_split=None, dataset_config=None, chat_template=None, winner_values=None, **eval_keys,
         ref_model_name_or_path=reference, overwrite_output_dir=False,
         resume_from_checkpoint="latest" if done.checkpoints else None, **_later_round_keys(settings, policy))
     summary = train(cfg)

@@ -27,7 +27,14 @@ from .. import run_files as rf
 from ..errors import ConfigError, PrefalignError
 from .config import OnlineSettings, load_online
 from .processes import barrier, is_main
-from .records import changed_settings, check_folder, read_rounds, record_round, remove_online_run
+from .records import (
+    changed_settings,
+    check_folder,
+    read_eval_pairs,
+    read_rounds,
+    record_round,
+    remove_online_run,
+)
 from .rounds import make_pairs, policy_config, sample_round, train_round
 from .scoring import JudgeFileReward, Skips, load_reward
 
@@ -117,6 +124,7 @@ def _run_locked(settings: OnlineSettings, out: Path) -> dict:
     tokenizer = load_tokenizer_for(cfg)
     prompts = _load_prompts(settings, tokenizer, cfg.dataset)
     eval_prompts = _load_prompts(settings, tokenizer, oc.eval_prompts, oc.max_eval_prompts) if oc.eval_prompts else None
+    held_out = read_eval_pairs(settings, tokenizer)
     reward = load_reward(oc.reward, max_length=cfg.max_length, batch_size=cfg.per_device_eval_batch_size,
                          use_cpu=cfg.use_cpu)
     barrier()  # every process has checked the folder and its inputs before the main process writes
@@ -126,6 +134,8 @@ def _run_locked(settings: OnlineSettings, out: Path) -> dict:
                     len(removed))
     if plan in ("new", "overwrite") and is_main():
         rf.write_json(out / rf.ONLINE_CONFIG_FILE, {"online": recorded_online, "training": cfg.prefalign_dict()})
+    if held_out is not None and is_main():
+        rf.replace_jsonl(held_out, out / rf.EVAL_PAIRS_FILE)  # the same rows each time: the settings are the same
     barrier()
     rounds = read_rounds(out)
     start_model = cfg.model_name_or_path

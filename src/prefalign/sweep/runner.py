@@ -38,6 +38,7 @@ from .state import (
     CellState,
     cell_states,
     describe_changes,
+    final_run,
     finished,
     group_cells,
     last_line,
@@ -146,8 +147,10 @@ class _Stopper:
 def command(sweep: Sweep, cell: Cell) -> list[str]:
     recipe = sweep.output_dir / "cells" / f"{stem(cell)}.yaml"
     recipe.parent.mkdir(parents=True, exist_ok=True)
-    recipe.write_text(yaml.safe_dump(cell.values, sort_keys=True), encoding="utf-8")
+    recipe.write_text(yaml.safe_dump({**cell.values, **(cell.online or {})}, sort_keys=True), encoding="utf-8")
     head = [*sweep.launcher] if sweep.launcher else [sys.executable]
+    if cell.online is not None:  # running it again continues from its last finished round (or checkpoint)
+        return [*head, "-m", "prefalign.cli", "online", str(recipe)]
     argv = [*head, "-m", "prefalign.cli", "train", str(recipe)]
     if any(p.name.startswith("checkpoint-") for p in cell.run_dir.glob("checkpoint-*")):
         argv += ["--resume_from_checkpoint", "latest"]
@@ -225,9 +228,14 @@ def run_cells(sweep: Sweep, *, echo=print, rerun_changed: bool = False) -> dict:
 
 def extras(sweep: Sweep, cell: Cell, echo) -> None:
     """The final model's ranking accuracy on the pairs it trained on (the overfitting gap is measured on one
-    metric and the right pairs), bench and generate — each once (their files are kept in the run folder)."""
-    if not (cell.run_dir / TRAIN_EVAL_FILE).is_file() and cell.values.get("dataset"):
-        trained = trained_rows(cell.run_dir)
+    metric and the right pairs), bench, generate and answers — each once (their files are kept in the folder of
+    the run that holds the final model: the cell's own, or an online cell's last trained round)."""
+    from ..run_files import ANSWERS_FILE, ANSWERS_PER_PROMPT_FILE, CONFIG_FILE, read_json_object
+
+    run_dir = final_run(cell)
+    config = read_json_object(run_dir / CONFIG_FILE) if (run_dir / CONFIG_FILE).is_file() else cell.values
+    if not (run_dir / TRAIN_EVAL_FILE).is_file() and config.get("dataset"):
+        trained = trained_rows(run_dir)
         if trained is None:
             echo(f"    {cell.name}: no {TRAINED_PAIRS_FILE} (a run from before it was written): no train − held-out gap")
         else:
@@ -236,29 +244,44 @@ def extras(sweep: Sweep, cell: Cell, echo) -> None:
             chosen = trained[: sweep.train_eval_pairs]
             echo(f"    {cell.name}: ranking accuracy on {len(chosen)} of the {len(trained)} pairs it trained on")
             summary, records = evaluate_path(
-                str(cell.run_dir), cell.values["dataset"], split=cell.values.get("dataset_split"),
-                dataset_config=cell.values.get("dataset_config"), rows=chosen,
+                str(run_dir), config["dataset"], split=config.get("dataset_split"),
+                dataset_config=config.get("dataset_config"), rows=chosen,
                 batch_size=cell.values.get("per_device_eval_batch_size", 8))
             summary.update({"pairs": "trained", "n_trained_pairs": len(trained)})
-            write_jsonl(records, cell.run_dir / TRAIN_EVAL_PER_PAIR_FILE)
-            write_json(cell.run_dir / TRAIN_EVAL_FILE, summary)  # last: its presence means both are complete
+            write_jsonl(records, run_dir / TRAIN_EVAL_PER_PAIR_FILE)
+            write_json(run_dir / TRAIN_EVAL_FILE, summary)  # last: its presence means both are complete
     for spec in sweep.bench:
         score = spec.get("score", "avg")
-        if bench_result_path(cell.run_dir, spec["benchmark"], score).is_file():
+        if bench_result_path(run_dir, spec["benchmark"], score).is_file():
             continue
         from ..bench.run import run_bench
 
         echo(f"    {cell.name}: bench {spec['benchmark']}")
-        run_bench(spec["benchmark"], str(cell.run_dir), dataset=spec.get("dataset"), score=score,
+        run_bench(spec["benchmark"], str(run_dir), dataset=spec.get("dataset"), score=score,
                   limit=spec.get("limit"), batch_size=spec.get("batch_size", 8), max_length=spec.get("max_length"),
                   bf16=bool(cell.values.get("bf16")))
-    if sweep.generate and not (cell.run_dir / GENERATIONS_FILE).is_file():
+    if sweep.generate and not (run_dir / GENERATIONS_FILE).is_file():
         from ..generation import generate_completions
 
         echo(f"    {cell.name}: generate")
         g = sweep.generate
-        rows = generate_completions(str(cell.run_dir), g["dataset"], split=g.get("split"), limit=g.get("limit"),
+        rows = generate_completions(str(run_dir), g["dataset"], split=g.get("split"), limit=g.get("limit"),
                                     max_new_tokens=g.get("max_new_tokens", 256), batch_size=g.get("batch_size", 8),
                                     data_format=cell.values.get("data_format", "auto"),
                                     chat_template=cell.values.get("chat_template"))
-        write_jsonl(rows, cell.run_dir / GENERATIONS_FILE)
+        write_jsonl(rows, run_dir / GENERATIONS_FILE)
+    if sweep.answers and not (run_dir / ANSWERS_FILE).is_file():
+        from ..online.evaluation import evaluate_answers
+
+        a = sweep.answers
+        echo(f"    {cell.name}: greedy answers to {a['dataset']}, scored with {a['reward']}")
+        summary, rows = evaluate_answers(str(run_dir), a["dataset"], a["reward"], limit=a.get("limit"),
+                                         max_new_tokens=a.get("max_new_tokens", 128),
+                                         batch_size=a.get("batch_size", 16), bf16=cell.values.get("bf16"),
+                                         # read as the sweep's data is, not as an online round's pairs.jsonl
+                                         data_format=cell.values.get("data_format", "auto"),
+                                         columns=cell.values.get("columns"),
+                                         chat_template=cell.values.get("chat_template"),
+                                         use_cpu=bool(cell.values.get("use_cpu")))
+        write_jsonl(rows, run_dir / ANSWERS_PER_PROMPT_FILE)
+        write_json(run_dir / ANSWERS_FILE, summary)  # last: its presence means both are complete

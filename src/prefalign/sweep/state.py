@@ -9,6 +9,10 @@ other settings is never reused as this file's result: `prefalign sweep` refuses 
 it again (the old run kept beside it), and the report leaves it out. A cell launched by a sweep before the
 record existed is compared with its run's own `prefalign_config.json` instead (keys the run resolves at run
 time, left unset in the file, are not counted there).
+
+An online cell (`prefalign online`) records its online keys beside its training config (`online.KEY`); its
+run is finished when every round is in rounds.jsonl, and its final model — what the report scores — is the
+training run of the last round that trained (`final_run`).
 """
 
 from __future__ import annotations
@@ -19,7 +23,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..errors import PrefalignError
-from ..run_files import CONFIG_FILE, EVAL_FILE, SUMMARY_FILE, read_json_object, write_json
+from ..run_files import (
+    CONFIG_FILE,
+    EVAL_FILE,
+    ONLINE_CONFIG_FILE,
+    ROUNDS_FILE,
+    SUMMARY_FILE,
+    read_json_object,
+    write_json,
+)
 from .spec import Cell, Sweep, slug
 
 SETTINGS_SUFFIX = ".settings.json"
@@ -66,11 +78,39 @@ def _summary(cell: Cell) -> dict | None:
         return {"interrupted": True}  # unreadable: never taken for a finished run
 
 
+def _rounds(cell: Cell) -> list[dict]:
+    from ..online.records import read_rounds
+
+    try:
+        return read_rounds(cell.run_dir)
+    except PrefalignError:
+        return []  # unreadable: never taken for a finished run
+
+
+def final_run(cell: Cell) -> Path | None:
+    """The training run that holds the cell's final model and its held-out results: the cell's own folder, or
+    for an online cell the last round that trained once every round has finished (None before, or when no
+    round trained)."""
+    if cell.online is None:
+        return cell.run_dir
+    from ..online.config import online_fields
+
+    rounds = [r for r in _rounds(cell) if r["round"] >= 1]
+    if len(rounds) < cell.online.get("rounds", online_fields()["rounds"].default):
+        return None
+    trained = [r for r in rounds if r.get("trained")]
+    return cell.run_dir / trained[-1]["policy"] if trained else None
+
+
 def finished(cell: Cell) -> bool:
     """Trained to the end (an interrupted run's summary says so) and, with a held-out set, scored on it."""
-    summary = _summary(cell)
+    run = final_run(cell)
+    if run is None:
+        return False
+    summary = _summary(cell) if cell.online is None else (
+        read_json_object(run / SUMMARY_FILE) if (run / SUMMARY_FILE).is_file() else None)
     done = summary is not None and not summary.get("interrupted")
-    return done and (not cell.values.get("eval_dataset") or (cell.run_dir / EVAL_FILE).is_file())
+    return done and (not cell.values.get("eval_dataset") or (run / EVAL_FILE).is_file())
 
 
 def last_line(path: Path) -> str:
@@ -80,7 +120,9 @@ def last_line(path: Path) -> str:
 
 
 def started(cell: Cell) -> bool:
-    """The cell's run has something a restart would lose: a checkpoint or a summary."""
+    """The cell's run has something a restart would lose: a checkpoint or a summary (or a round)."""
+    if cell.online is not None:
+        return (cell.run_dir / ONLINE_CONFIG_FILE).is_file() or (cell.run_dir / ROUNDS_FILE).is_file()
     return _summary(cell) is not None or any(p.is_dir() for p in cell.run_dir.glob("checkpoint-*"))
 
 
@@ -89,10 +131,22 @@ def resolve(cell: Cell) -> tuple[dict | None, str | None]:
     from ..config import load_config
 
     try:
+        if cell.online is not None:
+            from ..online.config import load_online
+
+            online = load_online(None, {**cell.values, **cell.online})
+            settings = {**online.base.prefalign_dict(), **_prefixed(online.online.as_dict())}
+        else:
+            settings = load_config(**cell.values).prefalign_dict()
         # as JSON reads it back (enums as their values), so a record and a fresh build compare alike
-        return json.loads(json.dumps(load_config(**cell.values).prefalign_dict(), default=str)), None
+        return json.loads(json.dumps(settings, default=str)), None
     except PrefalignError as e:
         return None, str(e).splitlines()[0]
+
+
+def _prefixed(online: dict) -> dict:
+    """An online cell's online keys beside its training keys: `online.rounds`, … (a change names the key)."""
+    return {f"online.{k}": v for k, v in online.items()}
 
 
 def _default(key: str):
@@ -134,6 +188,10 @@ def differences(recorded: dict, now: dict, *, run_config: bool = False) -> dict:
 
 def recorded_settings(sweep: Sweep, cell: Cell) -> tuple[dict | None, bool]:
     """(the settings the cell's run was launched with, whether they come from the run's own config record)."""
+    if cell.online is not None and not settings_path(sweep, cell).is_file() \
+            and (cell.run_dir / ONLINE_CONFIG_FILE).is_file():
+        record = read_json_object(cell.run_dir / ONLINE_CONFIG_FILE)  # what `prefalign online` started with
+        return {**record.get("training", {}), **_prefixed(record.get("online", {}))}, True
     for path, run_config in ((settings_path(sweep, cell), False), (cell.run_dir / CONFIG_FILE, True)):
         if path.is_file():
             record = read_json_object(path)
