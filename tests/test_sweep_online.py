@@ -96,6 +96,15 @@ def test_a_sweep_compares_offline_and_online_methods_on_what_they_write(tmp_path
             assert run == cell.run_dir / "round-3" / "train"
             assert sum(r["train_steps"] for r in rounds) == 3  # as many steps as the offline method
             assert read_json_object(run / "eval_trained_pairs.json")["n_trained_pairs"] == 2
+            # the held-out pairs (HH's implicit format) were scored as `prefalign eval` scores the file itself
+            from prefalign.evaluate import evaluate_path
+
+            direct, records = evaluate_path(str(run), str(tmp_path / "test.jsonl"), data_format="auto")
+            kept = sorted(read_jsonl(run / "eval_per_pair.jsonl"), key=lambda r: r["index"])
+            assert len(kept) == len(records) == 6
+            assert [r["correct"] for r in kept] == [r["correct"] for r in sorted(records, key=lambda r: r["index"])]
+            assert read_json_object(run / "eval_results.json")["ranking_accuracy"] == pytest.approx(
+                direct["ranking_accuracy"])
         answers = read_json_object(run / "answers.json")
         rows = read_jsonl(run / "answers_per_prompt.jsonl")
         assert answers["prompts"] == len(rows) == 4

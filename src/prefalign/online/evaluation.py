@@ -18,7 +18,7 @@ from pathlib import Path
 from .. import run_files as rf
 from ..errors import ConfigError, PrefalignError
 from .processes import gather, is_main
-from .sampling import free, generate_share, load_for_generation
+from .sampling import free_memory, generate_share, load_for_generation
 from .scoring import JUDGE_FILE, Skips
 
 EXACT_ANSWER = "prefalign.online.rewards:exact_answer"
@@ -76,8 +76,8 @@ def evaluate_policy(settings, policy_cfg, prompts, reward, path: Path) -> dict:
     model, tokenizer, pad = load_for_generation(policy_cfg)
     local = greedy_answers(model, tokenizer, pad, prompts, max_new_tokens=oc.max_new_tokens,
                            batch_size=oc.generation_batch_size, bf16=bool(policy_cfg.bf16))
-    del model  # the caller's reference too, so that `free` lets its memory go before a reward model scores
-    free(None)
+    del model  # before a reward model scores: it may need the memory
+    free_memory()
     rows = _without_detail(score_answers(local, reward))
     if is_main():
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -118,8 +118,8 @@ class AnswerJob:
                             attn_implementation=st["attn_implementation"]).to(device)
         local = greedy_answers(policy, self.tokenizer, usable_pad_id(policy, self.tokenizer), self.prompts,
                                max_new_tokens=self.max_new_tokens, batch_size=self.batch_size, bf16=bool(st["bf16"]))
-        del policy  # so that `free` lets its memory go before a reward model scores
-        free(None)
+        del policy  # before a reward model scores: it may need the memory
+        free_memory()
         rows = score_answers(local, self.reward)
         core, skips = answers_summary(rows, self.reward.spec)
         summary = {"model": self.model, "dataset": self.dataset, "reward": self.reward.spec,

@@ -23,7 +23,7 @@ from .. import run_files as rf
 from .pairs import pairs_of_prompt
 from .processes import barrier, gather, is_main, rank_and_world
 from .records import judged_rewards, read_samples, sample_check
-from .sampling import free, generate_share, load_for_generation, sample_seed
+from .sampling import free_memory, generate_share, load_for_generation, sample_seed
 from .scoring import JudgeFileReward, Skips
 
 log = logging.getLogger(__name__)
@@ -81,7 +81,8 @@ def sample_round(settings, round_number: int, policy: str, prompts, reward, fold
     responses = generate_share(model, tokenizer, [prompts.texts[i] for i in chosen], seeds,
                                max_new_tokens=oc.max_new_tokens, batch_size=oc.generation_batch_size,
                                temperature=oc.temperature, top_p=oc.top_p, bf16=bool(cfg.bf16), pad_id=pad)
-    free(model)
+    del model  # before the reward scores: a reward model may need the memory
+    free_memory()
     local = []
     for (position, j), r in responses.items():
         i = chosen[position]

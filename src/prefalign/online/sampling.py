@@ -128,11 +128,11 @@ def load_for_generation(cfg):
     return model, tokenizer, usable_pad_id(model, tokenizer)
 
 
-def free(model) -> None:
-    """Let go of a model's memory before the next one loads."""
+def free_memory() -> None:
+    """Let go of the memory of a model whose last reference the caller has just dropped (`del model` first: a
+    reference passed in here would keep it alive until the caller returns)."""
     import gc
 
-    del model
     gc.collect()
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
