@@ -91,7 +91,22 @@ def head_logits(head: torch.nn.Module, spec: HeadSpec, hidden: torch.Tensor) -> 
     and the model's post-processing are applied (scoring and the start-up head check both call it)."""
     if not torch.is_autocast_enabled(hidden.device.type):  # outside autocast the head wants its own dtype
         hidden = hidden.to(head.weight.dtype)
-    return spec.apply_to_logits(head(spec.apply_to_hidden(hidden)).float())
+    return spec.apply_to_logits(_apply_head(head, spec.apply_to_hidden(hidden)).float())
+
+
+def _apply_head(head: torch.nn.Module, hidden: torch.Tensor) -> torch.Tensor:
+    """The head on `hidden`, called after the model's forward. Under FSDP2 a head sharded in a group of its own
+    (accelerate puts the final norm, the embeddings and the head in one, unsharded through backward) must not
+    run its FSDP hooks again once the root's forward is over: that second pre-forward corrupts the group's
+    state, and backward crashes (a segfault on CPU, tests/test_multiprocess.py). Its weight is still the
+    unsharded one the model's own head call used, so `forward` alone computes the same logits and its gradient
+    reaches that weight before the group's post-backward. A ZeRO-3 head, on the contrary, needs its hooks to
+    gather its weight: every other head is called as usual."""
+    try:
+        from torch.distributed.fsdp import FSDPModule
+    except ImportError:  # a torch without FSDP2
+        return head(hidden)
+    return head.forward(hidden) if isinstance(head, FSDPModule) else head(hidden)
 
 
 def _token_logps(head: torch.nn.Module, spec: HeadSpec, hidden: torch.Tensor, targets: torch.Tensor,

@@ -86,6 +86,11 @@ class TrainedPairsFile(TrainerCallback):
                          os.path.join(args.output_dir, TRAINED_PAIRS_FILE))
 
 
+def _local(tensor: torch.Tensor) -> torch.Tensor:
+    """This process's part of a DTensor (FSDP2's sharded gradients); any other tensor as it is."""
+    return tensor.to_local() if hasattr(tensor, "to_local") else tensor
+
+
 class NonFiniteGradientGuard(TrainerCallback):
     """A NaN/inf gradient stops the run naming the step and rows, or (on_nonfinite=skip) drops the step.
 
@@ -107,7 +112,8 @@ class NonFiniteGradientGuard(TrainerCallback):
                                      "it: resume from the last checkpoint with a lower learning rate")
             self.trainer._rows_since_step.clear()
             return
-        grads = [p.grad for p in self.trainer.model.parameters() if p.grad is not None]
+        # under FSDP2 a gradient is a DTensor: this process checks its own shard, the processes then agree
+        grads = [_local(p.grad) for p in self.trainer.model.parameters() if p.grad is not None]
         finite = torch.stack([torch.isfinite(g).all() for g in grads]).all() if grads else torch.tensor(True)
         finite = finite.to(acc.device, torch.float32)
         if acc.num_processes > 1:

@@ -62,9 +62,13 @@ def default_cache_dir() -> Path:
 
 @torch.no_grad()
 def weights_fingerprint(model: torch.nn.Module) -> str:
-    """Cheap but weight-sensitive: name, shape, dtype, sum and first values of every parameter."""
+    """Cheap but weight-sensitive: name, shape, dtype, sum and first values of every parameter. Under FSDP2 a
+    parameter is a DTensor: every process gathers each one whole in turn (all call this together), so the key
+    is the unsharded model's and a cached table serves a sharded run and an unsharded one alike."""
     h = hashlib.sha256()
     for name, p in unwrap(model).state_dict().items():
+        if hasattr(p, "full_tensor"):
+            p = p.full_tensor()
         flat = p.detach().flatten()
         h.update(f"{name}{tuple(p.shape)}{p.dtype}{float(flat.double().sum()):.10e}".encode())
         h.update(flat[:8].double().cpu().numpy().tobytes())
