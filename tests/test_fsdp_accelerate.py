@@ -2,13 +2,15 @@
 accelerate take its GPU branch on a CPU): a run trains to a DDP run's weights, its checkpoints are sharded
 (torch.distributed.checkpoint, nothing gathered on one process) and a run killed after its first checkpoint
 resumes to the uninterrupted run's weights bit for bit, and gradient checkpointing trains to the same
-weights — with β-DPO, whose running statistics are the loss
-state a checkpoint must carry, and its reference log-probs precomputed inside the trainer. The final model is
-gathered whole and loads with plain transformers.
+weights — with β-DPO, whose running statistics are the loss state a checkpoint must carry, its reference log-probs
+precomputed inside the trainer, and SPO (its head and the head's optimizer live outside the sharded model); AMaPO + SPO and DPO with LoRA train as under DDP. The final model
+is gathered whole and loads with plain transformers.
 
 Found by this test and fixed: the output head applied after the model's forward ran FSDP's hooks a second
 time for accelerate's (norm, embeddings, head) group, and backward crashed (a segfault); the non-finite
-gradient check all-reduced DTensor shards (NotImplementedError)."""
+gradient check all-reduced DTensor shards (NotImplementedError); the reference cache's fingerprint read
+DTensors with .numpy(); the SPO head's parameters in the model's optimizer stopped accelerate's FSDP2
+preparation (KeyError)."""
 
 from __future__ import annotations
 
@@ -42,9 +44,22 @@ machine_rank: 0
 use_cpu: true
 """
 
-TRAIN = ["--loss_type", "beta_dpo", "--max_steps", "4", "--per_device_train_batch_size", "2", "--max_length", "96",
+TRAIN = ["--loss_type", "beta_dpo", "--use_spo", "true", "--max_steps", "4", "--per_device_train_batch_size", "2", "--max_length", "96",
          "--report_to", "none", "--logging_steps", "1", "--learning_rate", "1e-3", "--ddp_backend", "gloo",
          "--use_cpu", "true", "--disable_tqdm", "true", "--seed", "3"]
+
+
+# Besides β-DPO: what lives outside the sharded model or changes what is trained, 2 steps each.
+SHORT = ["--max_steps", "2", "--per_device_train_batch_size", "2", "--max_length", "96", "--report_to", "none",
+         "--logging_steps", "1", "--ddp_backend", "gloo", "--use_cpu", "true", "--disable_tqdm", "true",
+         "--save_strategy", "no", "--seed", "3"]
+PAIRED = {
+    # the SPO head is outside the model: under FSDP2 it has its own optimizer (accelerate swaps every
+    # optimizer parameter for its shard); AMaPO's batch statistics are gathered over the processes
+    "amapo_spo": ["--loss_type", "amapo", "--use_spo", "true", "--learning_rate", "1e-3", *SHORT],
+    # LoRA: only the adapters train, the reference is the model with them disabled (precomputed)
+    "dpo_lora": ["--loss_type", "dpo", "--use_peft", "true", "--learning_rate", "1e-2", *SHORT],
+}
 
 
 def _free_port() -> int:
@@ -89,9 +104,13 @@ def runs(tmp_path_factory):
                               "--save_strategy", "steps", "--save_steps", "2", "--resume_from_checkpoint", "latest")
     logs["checkpointed"] = _launch(work, "checkpointed", fsdp, *common, "--output_dir", str(work / "checkpointed"),
                                    "--save_strategy", "no", "--gradient_checkpointing", "true")
-    logs["ddp"] = _launch(work, "ddp", ["--multi_gpu", "--num_processes", "2", "--num_machines", "1",
-                                        "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "prefalign.cli"],
-                          *common, "--output_dir", str(work / "ddp"), "--save_strategy", "no")
+    ddp = ["--multi_gpu", "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no",
+           "--dynamo_backend", "no", "-m", "prefalign.cli"]
+    logs["ddp"] = _launch(work, "ddp", ddp, *common, "--output_dir", str(work / "ddp"), "--save_strategy", "no")
+    for name, flags in PAIRED.items():  # each under FSDP2 and under DDP
+        argv = ["train", "--model_name_or_path", str(model), "--dataset", str(work / "hh.jsonl"), *flags]
+        logs[name] = _launch(work, name, fsdp, *argv, "--output_dir", str(work / name))
+        logs[f"{name}_ddp"] = _launch(work, f"{name}_ddp", ddp, *argv, "--output_dir", str(work / f"{name}_ddp"))
     return work, logs
 
 
@@ -118,11 +137,15 @@ def test_fsdp2_checkpoints_are_sharded_and_resume_bit_for_bit(runs):
     assert (checkpoint / "pytorch_model_fsdp_0").is_dir() and (checkpoint / "optimizer_0").is_dir()
     assert not (checkpoint / "model.safetensors").exists()  # nothing gathered on one process
     assert (checkpoint / "loss_state.safetensors").is_file()  # β-DPO's running statistics
+    assert (checkpoint / "spo_head.safetensors").is_file() and (checkpoint / "spo_head_optimizer.pt").is_file()
     assert "step 3/4" in logs["resumed"] and "step 1/4" not in logs["resumed"]
-    whole, resumed = _weights(work / "whole"), _weights(work / "resumed")
-    assert whole.keys() == resumed.keys()
-    for name in whole:
-        assert torch.equal(whole[name], resumed[name]), name
+    from safetensors.torch import load_file
+
+    for file in ("model.safetensors", "spo_head.safetensors"):
+        whole, resumed = load_file(str(work / "whole" / file)), load_file(str(work / "resumed" / file))
+        assert whole.keys() == resumed.keys()
+        for name in whole:
+            assert torch.equal(whole[name], resumed[name]), f"{file}: {name}"
     rows = lambda run: [r for r in (json.loads(line) for line in (work / run / "metrics.jsonl").open())  # noqa: E731
                         if "loss" in r and r["step"] >= 3]
     assert [r["loss"] for r in rows("resumed")] == [r["loss"] for r in rows("whole")]
@@ -136,6 +159,19 @@ def test_gradient_checkpointing_under_fsdp2_changes_nothing_but_memory(runs):
     losses = lambda run: [r["loss"] for r in (json.loads(line) for line in (work / run / "metrics.jsonl").open())  # noqa: E731
                           if "loss" in r]
     assert losses("checkpointed") == pytest.approx(losses("whole"), abs=1e-6)
+
+
+@pytest.mark.parametrize(("name", "files"), [("amapo_spo", ("model.safetensors", "spo_head.safetensors")),
+                                             ("dpo_lora", ("adapter_model.safetensors",))])
+def test_spo_and_lora_under_fsdp2_train_as_under_ddp(runs, name, files):
+    from safetensors.torch import load_file
+
+    work, logs = runs
+    for file in files:
+        fsdp, ddp = load_file(str(work / name / file)), load_file(str(work / f"{name}_ddp" / file))
+        assert set(ddp) <= set(fsdp) and ddp, file
+        for key, tensor in ddp.items():
+            torch.testing.assert_close(fsdp[key], tensor, rtol=0, atol=2e-6, msg=f"{file}: {key}")
 
 
 def test_the_fsdp2_final_model_loads_with_transformers(runs):

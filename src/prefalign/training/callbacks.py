@@ -155,7 +155,7 @@ class SPOHeadGradSync(TrainerCallback):
             p.grad = acc.reduce(grad, reduction="mean")
 
     def on_optimizer_step(self, args, state, control, **kwargs):
-        if self.trainer.spo_optimizer is not None:  # DeepSpeed: the head's own optimizer, as the model's steps
+        if self.trainer.spo_optimizer is not None:  # DeepSpeed, FSDP: the head's own optimizer, as the model's steps
             self.trainer.spo_optimizer.step()
             self.trainer.spo_scheduler.step()
         self.trainer.spo_head.zero_grad(set_to_none=True)

@@ -135,7 +135,7 @@ class PreferenceTrainer(CrashSafeCheckpointing, Trainer):
                          **kwargs)
         self._check_setup()
         self.spo_head = None
-        self.spo_optimizer = self.spo_scheduler = None  # DeepSpeed only (create_optimizer says why)
+        self.spo_optimizer = self.spo_scheduler = None  # DeepSpeed and FSDP only (create_optimizer says why)
         if args.use_spo:
             hidden = self.accelerator.unwrap_model(model).config.hidden_size
             torch.manual_seed(args.seed)
@@ -425,9 +425,11 @@ class PreferenceTrainer(CrashSafeCheckpointing, Trainer):
     # -- the SPO head: optimised with the model, saved beside it -------------------------------------------
     def create_optimizer(self, model=None):
         optimizer = super().create_optimizer(model)
-        if self.spo_head is not None and self.is_deepspeed_enabled:
-            # DeepSpeed's optimizer takes only the engine's (partitioned) parameters: the head gets an optimizer
-            # of the same kind and settings, stepped and scheduled with it (SPOHeadGradSync), saved beside it
+        if self.spo_head is not None and (self.is_deepspeed_enabled or self.is_fsdp_enabled):
+            # DeepSpeed's optimizer takes only the engine's (partitioned) parameters, and accelerate's FSDP2
+            # swaps every optimizer parameter for its sharded version (one outside the model stops it): the head
+            # gets an optimizer of the same kind and settings — per parameter, the same updates as a param group
+            # of the model's — stepped and scheduled with it (SPOHeadGradSync), saved beside it
             cls, kwargs = self.get_optimizer_cls_and_kwargs(self.args, model)
             self.spo_optimizer = cls([{"params": list(self.spo_head.parameters()), "weight_decay": 0.0,
                                        "lr": self.args.spo_head_learning_rate}], **kwargs)
@@ -501,12 +503,14 @@ class PreferenceTrainer(CrashSafeCheckpointing, Trainer):
 
     def _load_optimizer_and_scheduler(self, checkpoint):
         super()._load_optimizer_and_scheduler(checkpoint)
-        if checkpoint is not None and self.is_deepspeed_enabled:  # transformers loads DeepSpeed's own way, not
-            self._load_prefalign_state(checkpoint)               # through _load_from_checkpoint
-            if self.spo_optimizer is not None:
-                state = torch.load(os.path.join(checkpoint, SPO_OPTIMIZER_FILE), weights_only=True)
-                self.spo_optimizer.load_state_dict(state["optimizer"])
-                self.spo_scheduler.load_state_dict(state["scheduler"])
+        if checkpoint is None:
+            return
+        if self.is_deepspeed_enabled:  # transformers loads DeepSpeed's own way, not through _load_from_checkpoint
+            self._load_prefalign_state(checkpoint)
+        if self.spo_optimizer is not None:
+            state = torch.load(os.path.join(checkpoint, SPO_OPTIMIZER_FILE), weights_only=True)
+            self.spo_optimizer.load_state_dict(state["optimizer"])
+            self.spo_scheduler.load_state_dict(state["scheduler"])
 
     def _load_prefalign_state(self, resume_from_checkpoint):
         """What prefalign saves beside a checkpoint: the SPO head, stateful losses' statistics, a synced reference."""
