@@ -32,6 +32,10 @@ def greedy_answers(model, tokenizer, pad: int, prompts, *, max_new_tokens: int, 
     prompt: prompt_index, row_index, prompt, response, tokens, stopped_at_eos (all of them on one process)."""
     answers = generate_share(model, tokenizer, prompts.texts, None, max_new_tokens=max_new_tokens,
                              batch_size=batch_size, bf16=bf16, pad_id=pad)
+    return _answer_rows(prompts, answers)
+
+
+def _answer_rows(prompts, answers: dict) -> list[dict]:
     return [{"prompt_index": i, "row_index": prompts.row_indices[i], "prompt": prompts.texts[i], **a}
             for (i, _), a in answers.items()]
 
@@ -73,11 +77,16 @@ def _without_detail(rows: list[dict]) -> list[dict]:
 def evaluate_policy(settings, policy_cfg, prompts, reward, path: Path) -> dict:
     """Greedy answers of the policy `policy_cfg` loads, scored and written to `path`; their summary."""
     oc = settings.online
-    model, tokenizer, pad = load_for_generation(policy_cfg)
-    local = greedy_answers(model, tokenizer, pad, prompts, max_new_tokens=oc.max_new_tokens,
-                           batch_size=oc.generation_batch_size, bf16=bool(policy_cfg.bf16))
-    del model  # before a reward model scores: it may need the memory
-    free_memory()
+    if oc.generation_backend == "vllm":  # one process (run.py refuses several); the engine is freed when it returns
+        from .vllm_backend import generate_share as vllm_share
+
+        local = _answer_rows(prompts, vllm_share(policy_cfg, prompts.texts, None, max_new_tokens=oc.max_new_tokens))
+    else:
+        model, tokenizer, pad = load_for_generation(policy_cfg)
+        local = greedy_answers(model, tokenizer, pad, prompts, max_new_tokens=oc.max_new_tokens,
+                               batch_size=oc.generation_batch_size, bf16=bool(policy_cfg.bf16))
+        del model  # before a reward model scores: it may need the memory
+        free_memory()
     rows = _without_detail(score_answers(local, reward))
     if is_main():
         path.parent.mkdir(parents=True, exist_ok=True)

@@ -74,15 +74,22 @@ def sample_round(settings, round_number: int, policy: str, prompts, reward, fold
                     skips.add(row["skip"], f"{path}:{lineno}: {row.get('skip_detail', '')}")
         return rows, skips
     t0 = time.time()
-    model, tokenizer, pad = load_for_generation(policy_config(settings, policy))
-    seeds = [[sample_seed(cfg.seed, round_number, prompts.row_indices[i], j) for j in range(oc.samples_per_prompt)]
-             for i in chosen]
-    # each process samples and scores its share; the shares, gathered, are what one process samples
-    responses = generate_share(model, tokenizer, [prompts.texts[i] for i in chosen], seeds,
-                               max_new_tokens=oc.max_new_tokens, batch_size=oc.generation_batch_size,
-                               temperature=oc.temperature, top_p=oc.top_p, bf16=bool(cfg.bf16), pad_id=pad)
-    del model  # before the reward scores: a reward model may need the memory
-    free_memory()
+    if oc.generation_backend == "vllm":  # one process (run.py refuses several); the engine is freed when it returns
+        from . import vllm_backend
+
+        seeds = _round_seeds(cfg.seed, round_number, prompts, chosen, oc.samples_per_prompt)
+        responses = vllm_backend.generate_share(policy_config(settings, policy), [prompts.texts[i] for i in chosen],
+                                                seeds, max_new_tokens=oc.max_new_tokens, temperature=oc.temperature,
+                                                top_p=oc.top_p)
+    else:
+        model, tokenizer, pad = load_for_generation(policy_config(settings, policy))
+        seeds = _round_seeds(cfg.seed, round_number, prompts, chosen, oc.samples_per_prompt)
+        # each process samples and scores its share; the shares, gathered, are what one process samples
+        responses = generate_share(model, tokenizer, [prompts.texts[i] for i in chosen], seeds,
+                                   max_new_tokens=oc.max_new_tokens, batch_size=oc.generation_batch_size,
+                                   temperature=oc.temperature, top_p=oc.top_p, bf16=bool(cfg.bf16), pad_id=pad)
+        del model  # before the reward scores: a reward model may need the memory
+        free_memory()
     local = []
     for (position, j), r in responses.items():
         i = chosen[position]
@@ -112,6 +119,11 @@ def sample_round(settings, round_number: int, policy: str, prompts, reward, fold
                  f" (by {world} processes, each its share)" if world > 1 else "")
     barrier()  # samples.jsonl is written before any process goes on
     return rows, skips
+
+
+def _round_seeds(seed: int, round_number: int, prompts, chosen: list[int], k: int) -> list[list[int]]:
+    """The seeds of the round's responses: per chosen prompt, one per sample (`sample_seed`)."""
+    return [[sample_seed(seed, round_number, prompts.row_indices[i], j) for j in range(k)] for i in chosen]
 
 
 def make_pairs(settings, rows: list[dict], folder: Path) -> tuple[list[dict], Skips]:

@@ -26,7 +26,7 @@ from pathlib import Path
 from .. import run_files as rf
 from ..errors import ConfigError, PrefalignError
 from .config import OnlineSettings, load_online
-from .processes import barrier, is_main
+from .processes import barrier, is_main, rank_and_world
 from .records import (
     changed_settings,
     check_folder,
@@ -59,11 +59,7 @@ def run_online(settings: OnlineSettings | str | Path | None = None, overrides: l
 def _refuse_unsupported(settings: OnlineSettings) -> None:
     oc, cfg = settings.online, settings.base
     if oc.generation_backend == "vllm":
-        import importlib.util
-
-        if importlib.util.find_spec("vllm") is None:
-            raise ConfigError("generation_backend: vllm is not installed (pip install vllm), or use transformers")
-        raise ConfigError("generation_backend: vllm is not supported yet; use transformers")
+        _refuse_vllm(settings)
     if oc.ref_refresh == "round" and cfg.use_peft:
         raise ConfigError("ref_refresh: round cannot be honoured with use_peft: one LoRA adapter trains on across "
                           "the rounds, so the reference (the model with its adapter disabled) is the start model; use "
@@ -78,6 +74,32 @@ def _refuse_unsupported(settings: OnlineSettings) -> None:
         raise ConfigError("no dataset: set `dataset` (prompts, or pairs whose prompts are used)")
     if not cfg.model_name_or_path:
         raise ConfigError("no model: set `model_name_or_path`")
+
+
+def _refuse_vllm(settings: OnlineSettings) -> None:
+    """What generation_backend: vllm cannot honour, each in one line (vllm_backend.py)."""
+    from .vllm_backend import vllm_installed
+
+    cfg = settings.base
+    if not vllm_installed():
+        raise ConfigError("generation_backend: vllm is not installed (pip install vllm), or use transformers")
+    world = max(rank_and_world()[1], int(os.environ.get("WORLD_SIZE") or 1))
+    if world > 1:
+        raise ConfigError(f"generation_backend: vllm runs in one process (vLLM shards a model across GPUs itself), "
+                          f"but this run was started as {world} processes (accelerate launch / torchrun): run "
+                          "prefalign online as one process, or use generation_backend: transformers")
+    if cfg.use_peft:
+        raise ConfigError("generation_backend: vllm loads full model folders, and with use_peft: true each round's "
+                          "policy is a LoRA adapter folder: train the full model, or use generation_backend: "
+                          "transformers")
+    model = Path(os.path.expanduser(str(cfg.model_name_or_path or "")))
+    if (model / "adapter_config.json").is_file():
+        raise ConfigError(f"generation_backend: vllm loads full model folders, and {cfg.model_name_or_path} is a LoRA "
+                          "adapter folder: merge it into its base model (peft's merge_and_unload, then "
+                          "save_pretrained), or use generation_backend: transformers")
+    if cfg.use_cpu:
+        raise ConfigError("generation_backend: vllm runs on the device its build targets (a GPU), not on the CPU "
+                          "use_cpu: true asks for: leave use_cpu off, or use generation_backend: transformers")
 
 
 def _inputs(settings: OnlineSettings) -> list[Path]:

@@ -44,7 +44,9 @@ class SeededSampling(LogitsProcessor):
         return scores + gumbel.to(scores.device)
 
 
-def _response_text(tokenizer, prompt_ids: list[int], kept: list[int], stopped: bool) -> str:
+def response_text(tokenizer, prompt_ids: list[int], kept: list[int], stopped: bool) -> str:
+    """The text of a response: what prompt + response ids decode to beyond the prompt's own text (`kept`: the
+    generated ids, ending with the EOS when `stopped`, which is left out). Both backends write it so."""
     body = kept[:-1] if stopped else kept
     before = tokenizer.decode(prompt_ids, skip_special_tokens=True)
     whole = tokenizer.decode(prompt_ids + body, skip_special_tokens=True)
@@ -88,7 +90,7 @@ def generate_responses(model, tokenizer, prompts: list[str], seeds: list[list[in
             width = input_ids.shape[1]
             for row, (i, j) in enumerate(batch):
                 kept, stopped = cut_at_eos(generated[row, width:].tolist(), eos)
-                out[i][j] = {"response": _response_text(tokenizer, ids[i], kept, stopped), "tokens": len(kept),
+                out[i][j] = {"response": response_text(tokenizer, ids[i], kept, stopped), "tokens": len(kept),
                              "stopped_at_eos": stopped}
     finally:
         model.train(was_training)
