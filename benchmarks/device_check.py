@@ -20,7 +20,8 @@ A bare GPU machine needs the packages its image lacks: `scripts/build_wheelhouse
    2-layer Llama) built from a config, bf16 autocast over fp32 weights, 8 synthetic pairs per step of ~2k tokens
    each (prompt ~512, completions ~1.5k); 1 warm-up + N timed steps each: pairs/s, tokens/s, MFU,
    `torch.cuda.max_memory_allocated`, and the losses side by side.
-4. `fsdp2`: one step (prefalign forward, AMaPO loss, backward, SGD) through torch's `fully_shard` at world size 1
+4. `fsdp2`: one step (prefalign forward, AMaPO loss, backward, SGD) through torch's `fully_shard` at world size 1,
+   sharded as accelerate's FSDP2 plugin shards (decoder layers; final norm, embeddings and head as one group)
    (gloo on the CPU, NCCL on CUDA), loss and updated weights against the unsharded model's.
 5. `deepspeed_zero3`: the same through `deepspeed.initialize` with ZeRO-3 on a model built under
    `deepspeed.zero.Init`.
@@ -693,8 +694,15 @@ def fsdp2(ctx: Context) -> dict:
     model = build_llama(ctx.sizes.distributed_model, ctx.device)
     plain_loss, plain_weights = _plain_step(copy.deepcopy(model), batch, n)
     with single_process_group(ctx):
-        for layer in model.model.layers:  # as accelerate's FSDP2 plugin wraps: each decoder layer, then the root
+        for layer in model.model.layers:  # as accelerate's FSDP2 plugin wraps: each decoder layer,
             fully_shard(layer)
+        # the final norm, the embeddings and the head as one group kept unsharded through backward (accelerate
+        # >= 1.15; the head applied after the forward must not re-run this group's hooks), then the root
+        embed, head = model.get_input_embeddings(), model.get_output_embeddings()
+        tail = [model.model.norm, head] + ([embed] if embed.weight is head.weight else [])
+        if embed.weight is not head.weight:
+            fully_shard(embed)
+        fully_shard(tail, reshard_after_forward=False)
         fully_shard(model)
         model.train()
         optimizer = torch.optim.SGD(model.parameters(), lr=SGD_LR)

@@ -215,7 +215,8 @@ def _concentration(run) -> float | None:
 def sentence(name: str, baseline: str, p: dict, n_seeds: int, n_pairs: int, unit: str = "pairs") -> str:
     lo, hi = p["ci"]
     return (f"{name} − {baseline}: {100 * p['diff']:+.1f} points (95 % CI {100 * lo:+.1f} to {100 * hi:+.1f}; "
-            f"{n_seeds} seed{'s' if n_seeds != 1 else ''} × {n_pairs} {unit}, paired, {p['interval']}): "
+            f"{n_seeds} seed{'s' if n_seeds != 1 else ''} × {n_pairs} {unit}, paired, "
+            f"{p['interval'].replace('pairs', unit)}): "
             f"{p['verdict']}; {power_phrase(p['to_separate_2_points'], n_seeds, n_pairs, unit)}.")
 
 
