@@ -90,7 +90,7 @@ def test_shipped_sweeps_load_and_every_cell_is_a_valid_config():
     assert len(sweeps) >= 5
     for path in sweeps:
         sweep = load_sweep(path)
-        methods, seeds = (3, 6) if path.stem.endswith("6seeds") else (5, 3)
+        methods, seeds = {"study-task-hard-6seeds": (3, 6), "study-offline-vs-online": (4, 3)}.get(path.stem, (5, 3))
         assert sweep.baseline == "dpo" and len(sweep.methods) == methods and len(sweep.cells) == methods * seeds
         for cell in sweep.cells:
             PreferenceConfig(**{**cell.values, "use_cpu": True, "bf16": False})
