@@ -158,14 +158,22 @@ def test_ctrl_c_reaches_the_sweep_only_which_asks_its_cell_to_checkpoint_with_si
     (tmp_path / "launcher.py").write_text(FAKE_LAUNCHER)
     path = _sweep_file(tmp_path, rest=f"grid: {{loss_type: [dpo], seed: [1]}}\n"
                                       f"launcher: {sys.executable} {tmp_path / 'launcher.py'} {got}\n")
+    # As a shell starts a foreground job: SIGINT at its default. A test run started in the background by a
+    # script (`pytest ... &`) inherits it ignored, and the sweep rightly leaves an ignored SIGINT alone.
     sweep = subprocess.Popen([sys.executable, "-m", "prefalign.cli", "sweep", path], cwd=tmp_path, env=ENV,
-                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
+                             preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     child = None
     try:
         assert _wait_for(lambda: got.is_file() and "started" in got.read_text())
         child = next(iter(_children(sweep.pid)), None)
         os.killpg(sweep.pid, signal.SIGINT)  # the terminal's Ctrl-C: every process of the foreground group
-        out, err = sweep.communicate(timeout=60)
+        try:
+            out, err = sweep.communicate(timeout=60)
+        except subprocess.TimeoutExpired:
+            sweep.kill()
+            out, err = sweep.communicate()
+            pytest.fail(f"the sweep did not stop; its cell got {got.read_text().split()}: {err[-3000:]}")
         assert got.read_text().split() == ["started", "SIGTERM"]
         assert child is not None and not _alive(child)
         assert sweep.returncode == 130, err
