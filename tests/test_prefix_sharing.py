@@ -242,5 +242,8 @@ def assert_extras_match_unshared(model, rows, packed):
     torch.testing.assert_close(got.sum, ref.sum, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(got.hidden_mean, ref.hidden_mean, atol=1e-5, rtol=1e-5)
     for name in g_ref:
-        torch.testing.assert_close(g_got[name], g_ref[name], atol=1e-5, rtol=1e-5, msg=name)
+        # float32 sums taken in another order: the error scales with the gradient's largest entry (the squared
+        # hidden means make them reach ~100), so the tolerance does too; a misplaced token moves it by O(scale)
+        scale = max(1.0, g_ref[name].abs().max().item())
+        torch.testing.assert_close(g_got[name], g_ref[name], atol=2e-6 * scale, rtol=1e-5, msg=name)
     return got
