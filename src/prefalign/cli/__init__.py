@@ -67,7 +67,7 @@ def main(argv: list[str] | None = None) -> int:
     elif extra:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
     try:
-        return int(args.func(args) or 0)
+        code = int(args.func(args) or 0)
     except PrefalignError as e:
         if args.debug:
             raise
@@ -76,6 +76,18 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("prefalign: interrupted", file=sys.stderr)
         return 130
+    _close_process_group()
+    return code
+
+
+def _close_process_group() -> None:
+    """After a command that ran under a launcher: left to the interpreter's exit, gloo's worker threads can
+    still hold tensors while Python is torn down, and a process aborts ("terminate called without an active
+    exception", SIGABRT; pytorch/pytorch#190489) after its run was saved. Only on success: a process that
+    failed must not wait on the others."""
+    dist = sys.modules.get("torch.distributed")  # never imported: nothing to close
+    if dist is not None and dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
 
 
 if __name__ == "__main__":
