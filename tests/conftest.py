@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
 import torch
 
 # The test models are tiny: one thread avoids OpenMP spin-waiting, which on a busy 2-core machine made
-# each step ~10x slower. Subprocess tests pass OMP_NUM_THREADS=1 for the same reason.
+# each step ~10x slower. The processes tests start (a sweep's cells, launchers' ranks) inherit it: two sweep
+# tests took 205 s with their cells on two threads beside a busy core, 65 s on one.
 torch.set_num_threads(1)
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared"
