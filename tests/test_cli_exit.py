@@ -1,5 +1,5 @@
 """A command run under a launcher closes its process group when it succeeds (left to the interpreter's exit,
-gloo's worker threads can abort a process after its run was saved: seen once in CI as "terminate called
+gloo's worker threads can abort a process after its run was saved: seen once in a full suite run as "terminate called
 without an active exception" under accelerate's FSDP2), and leaves it alone when it fails, so that a failed
 process waits on no other."""
 
